@@ -1,0 +1,49 @@
+"""Backends: the same model on different array libraries.
+
+`numpy` is the reference and the teaching code (hand-written BPTT, no autograd); `torch` differentiates the
+same forward math with autograd, on CPU or CUDA. Both take the parameters as a dict of numpy arrays (so they
+start from identical weights) and expose the same small interface:
+
+    begin_state(batch_size) -> state
+    loss_and_grads(X, Y, state) -> (mean loss, grads dict, new state)   # state detached
+    nll(X, Y, state) -> (summed loss, new state)                        # no gradients
+    step(token_ids, state) -> (logits as numpy (B, V), new state)       # one decoding step
+    numpy_params() -> dict of numpy arrays
+
+Gradients are arrays of the backend's own kind, updated in place by the backend-neutral `optim` code.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from ..errors import RnnlabError
+
+BACKENDS = ("numpy", "torch")
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def resolve(name: str) -> str:
+    """'auto' -> torch when it is installed, else numpy; a named backend is checked to be usable."""
+    if name == "auto":
+        return "torch" if torch_available() else "numpy"
+    if name == "torch" and not torch_available():
+        raise RnnlabError("backend 'torch' needs PyTorch: pip install -c constraints.txt 'rnnlab[torch]'")
+    if name not in BACKENDS:
+        raise RnnlabError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return name
+
+
+def make_backend(name: str, params: dict, activation: str = "tanh", device: str = "cpu",
+                 onehot_input: bool = False):
+    """Build a backend holding `params` (numpy arrays, copied)."""
+    name = resolve(name)
+    if name == "numpy":
+        if device != "cpu":
+            raise RnnlabError(f"the numpy backend runs on the CPU only (got --device {device})")
+        from .numpy_backend import NumpyBackend
+        return NumpyBackend(params, activation, onehot_input)
+    from .torch_backend import TorchBackend
+    return TorchBackend(params, activation, device, onehot_input)

@@ -1,0 +1,66 @@
+"""The reference backend: numpy forward pass and hand-written backpropagation through time.
+
+Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
+Slow and clear on purpose; every other path is tested against this one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import cells
+
+_PHI = {"tanh": cells.tanh, "relu": cells.relu}
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, params: dict[str, np.ndarray], activation: str = "tanh", onehot_input: bool = False):
+        self.params = {k: np.array(v, copy=True) for k, v in params.items()}
+        self.activation = activation
+        self.phi = _PHI[activation]
+        self.onehot_input = onehot_input
+
+    @property
+    def dtype(self):
+        return self.params["W_hh"].dtype
+
+    def begin_state(self, batch_size: int) -> np.ndarray:
+        """The book's `init_rnn_state`: zeros (B, H)."""
+        return np.zeros((batch_size, self.params["W_hh"].shape[0]), dtype=self.dtype)
+
+    def forward(self, X: np.ndarray, H: np.ndarray):
+        """X (B, T) indices, H (B, H) -> logits (T*B, V), all states Hs (T, B, H)."""
+        p = self.params
+        if self.onehot_input:
+            XW = cells.one_hot(X.T, p["W_xh"].shape[0], self.dtype) @ p["W_xh"]  # (T, B, V) @ (V, H)
+        else:
+            XW = cells.input_projection(p["W_xh"], X)                            # (T, B, H)
+        Hs = np.empty(XW.shape, dtype=self.dtype)
+        for t in range(X.shape[1]):
+            H = cells.rnn_step(XW[t], H, p["W_hh"], p["b_h"], self.phi)
+            Hs[t] = H
+        return cells.output_layer(Hs, p["W_hq"], p["b_q"]), Hs
+
+    def loss_and_grads(self, X: np.ndarray, Y: np.ndarray, state: np.ndarray):
+        """Mean cross-entropy over the T*B predictions, its gradients, and the final state."""
+        logits, Hs = self.forward(X, state)
+        y = Y.T.reshape(-1)                                   # time-major targets, like the logits
+        nll, probs = cells.cross_entropy(logits, y)
+        dlogits = probs
+        dlogits[np.arange(len(y)), y] -= 1
+        dlogits /= len(y)                                     # d mean / d logits = (softmax - onehot) / N
+        grads = cells.rnn_backward(self.params, X, state, Hs, dlogits, self.activation, self.onehot_input)
+        return float(nll.mean()), grads, Hs[-1]
+
+    def nll(self, X: np.ndarray, Y: np.ndarray, state: np.ndarray):
+        logits, Hs = self.forward(X, state)
+        nll, _ = cells.cross_entropy(logits.astype(np.float64), Y.T.reshape(-1))
+        return float(nll.sum()), Hs[-1]
+
+    def step(self, token_ids: np.ndarray, state: np.ndarray):
+        logits, Hs = self.forward(np.asarray(token_ids).reshape(-1, 1), state)
+        return logits, Hs[-1]
+
+    def numpy_params(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.params.items()}

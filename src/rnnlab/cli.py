@@ -1,0 +1,228 @@
+"""Command-line interface: `rnnlab train | generate | eval | corpora`.
+
+Flags are generated from the config dataclasses (one flag per field, its help and default shown in --help).
+Entry points are thin: parse, build configs, call the library, print. `main(argv)` returns the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from . import __version__
+from .config import RUN_DEFINING, DataConfig, GenerateConfig, ModelConfig, TrainConfig
+from .errors import RnnlabError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (plus the exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One flag per dataclass field; values land in the namespace as '<Class>.<field>' only when given."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        names = [_flag(f)]
+        if f.metadata.get("flag"):
+            names.append("--" + f.name.replace("_", "-"))    # the book's name as an alias (--theta)
+        kwargs = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
+                  "help": f"{f.metadata['help']} (default: {_show(f.default)})"}
+        hint = hints[f.name]
+        if typing.get_origin(hint) is tuple:
+            kwargs.update(nargs="+", type=str, metavar="TEXT")
+        else:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            kind = args[0] if args else hint
+            kwargs["type"] = kind
+            kwargs["metavar"] = {int: "N", float: "X"}.get(kind, "TEXT")
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+            kwargs.pop("metavar")
+        group.add_argument(*names, **kwargs)
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(repr(v) for v in value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def given(ns: argparse.Namespace, cls) -> dict:
+    """The fields of `cls` set explicitly on the command line."""
+    prefix = cls.__name__ + "."
+    return {k[len(prefix):]: (tuple(v) if isinstance(v, list) else v)
+            for k, v in vars(ns).items() if k.startswith(prefix)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rnnlab", description="Character-level recurrent language models: the d2l §8.5 "
+                     "RNN, reproduced exactly, with honest held-out evaluation.")
+    parser.add_argument("--version", action="version", version=f"rnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    train = sub.add_parser("train", help="train a model (defaults: the book's run on The Time Machine)")
+    train.add_argument("--out", metavar="DIR", help="run directory: metrics.jsonl, checkpoint, plot "
+                       "(default: none, nothing is saved)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out up to --num-epochs")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    for cls in (DataConfig, ModelConfig, TrainConfig):
+        add_config_args(train, cls)
+
+    gen = sub.add_parser("generate", help="continue a prefix with a trained model", formatter_class=fmt)
+    gen.add_argument("--checkpoint", metavar="DIR", required=True, help="run directory of `rnnlab train`")
+    add_config_args(gen, GenerateConfig)
+    gen.add_argument("--num-samples", type=int, default=1, metavar="N", help="continuations decoded at once")
+    gen.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch"))
+    gen.add_argument("--device", default="cpu", help="torch device")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    ev = sub.add_parser("eval", help="score held-out text (prints JSON)", formatter_class=fmt)
+    ev.add_argument("--checkpoint", metavar="DIR", required=True, help="run directory of `rnnlab train`")
+    ev.add_argument("--corpus", help="corpus name or file (default: the one the model was trained on)")
+    ev.add_argument("--data-dir", help="directory searched first for named corpora")
+    ev.add_argument("--split", default="val", choices=("val", "train", "all"),
+                    help="val: the last --val-fraction of the corpus, as held out in training")
+    ev.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch"))
+    ev.add_argument("--device", default="cpu", help="torch device")
+
+    corp = sub.add_parser("corpora", help="named corpora: where they were found and whether the hash is right")
+    corp.add_argument("--data-dir", help="directory searched first")
+    corp.add_argument("--json", action="store_true", help="print as JSON")
+    return parser
+
+
+def cmd_train(ns) -> int:
+    from . import train as training
+    data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
+    if ns.resume:
+        if not ns.out:
+            raise RnnlabError("--resume needs --out DIR, the run to continue")
+        ckpt_cfg = json.loads((Path(ns.out) / "checkpoint.json").read_text()).get("config", {}) \
+            if (Path(ns.out) / "checkpoint.json").is_file() else {}
+        for section, values in (("data", data), ("model", model), ("train", train_cfg)):
+            for name in RUN_DEFINING[section]:
+                if name in values and ckpt_cfg.get(section, {}).get(name) != _jsonable(values[name]):
+                    raise RnnlabError(f"--{name.replace('_', '-')} differs from the checkpoint in {ns.out}; "
+                                      "a resumed run keeps its settings (start a new --out to change them)")
+        overrides = {k: v for k, v in train_cfg.items() if k not in RUN_DEFINING["train"]}
+        if "data_dir" in data:
+            overrides["data_dir"] = data["data_dir"]
+        run = training.resume_run(ns.out, overrides)
+        print(f"resuming {ns.out} at epoch {run.epoch} of {run.train_cfg.num_epochs}", file=sys.stderr)
+    else:
+        run = training.new_run(DataConfig(**data), ModelConfig(**model), TrainConfig(**train_cfg))
+        if ns.out:
+            training.prepare_out(ns.out, ns.overwrite)
+    d, c = run.dataset, run.train_cfg
+    print(f"corpus {d.path.name}: {len(d.train):,} training / {len(d.val):,} held-out tokens, "
+          f"vocab {len(d.vocab)}; backend {run.backend.name}, {c.dtype}, device {c.device}", file=sys.stderr)
+    try:
+        records = training.fit(run, ns.out, progress=not ns.quiet)
+    except KeyboardInterrupt:
+        saved = f"; last checkpoint in {ns.out}" if ns.out else ""
+        print(f"rnnlab: interrupted at epoch {run.epoch}{saved}", file=sys.stderr)
+        return 130
+    final = records[-1] if records else {}
+    if ns.json:
+        print(json.dumps({"out": ns.out, **final}))
+    elif final:
+        print(f"perplexity {final['train_ppl']:.3f} (train), {final['val_ppl']:.2f} (held-out, "
+              f"{final['val_bits_per_token']:.3f} bits/token), {final['tokens_per_s']:,.0f} tokens/s "
+              f"on {run.backend.name}")
+        for sample in final["samples"].values():
+            print(sample)
+    return 0
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def cmd_generate(ns) -> int:
+    import numpy as np
+
+    from . import generate, text
+    from .checkpoint import load_model
+    g = GenerateConfig(**given(ns, GenerateConfig))
+    if ns.num_samples <= 0 or g.num_chars < 0:
+        raise RnnlabError("--num-samples must be positive and --num-chars >= 0")
+    m = load_model(ns.checkpoint, ns.backend, ns.device)
+    tokens = text.tokenize(text.normalize_prefix(g.prefix, m.data_cfg.preprocess), m.data_cfg.token)
+    if len(tokens) == 0:
+        raise RnnlabError("the prefix is empty: give at least one character to warm up on")
+    joiner = "" if m.data_cfg.token == "char" else " "
+    outs = generate.predict(m.backend, m.vocab, tokens, g.num_chars, g.temperature,
+                            np.random.default_rng(g.seed), ns.num_samples, joiner)
+    if ns.json:
+        print(json.dumps({"prefix": g.prefix, "temperature": g.temperature, "seed": g.seed, "samples": outs}))
+    else:
+        print("\n".join(outs))
+    return 0
+
+
+def cmd_eval(ns) -> int:
+    from . import evaluate
+    from .checkpoint import load_model
+    from .train import load_dataset
+    m = load_model(ns.checkpoint, ns.backend, ns.device)
+    data_cfg = dataclasses.replace(m.data_cfg, max_tokens=-1, corpus=ns.corpus or m.data_cfg.corpus,
+                                   data_dir=ns.data_dir or m.data_cfg.data_dir)
+    ds = load_dataset(data_cfg, m.vocab)
+    tokens = {"val": ds.val, "train": ds.train}.get(ns.split)
+    if tokens is None:
+        import numpy as np
+        tokens = np.concatenate([ds.train, ds.val])
+    result = evaluate.score_stream(m.backend, tokens)
+    unknown = int((tokens == m.vocab.unk).sum())
+    bpc = result["bits_per_token"] if m.data_cfg.token == "char" else None
+    print(json.dumps({"corpus": str(ds.path), "split": ns.split, **result, "bits_per_char": bpc,
+                      "unknown_tokens": unknown, "checkpoint_epoch": m.checkpoint.epoch}))
+    return 0
+
+
+def cmd_corpora(ns) -> int:
+    from . import corpora
+    rows = corpora.status(ns.data_dir)
+    if ns.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        where = r["path"] or "not found (downloaded on first use)"
+        ok = "sha256 ok" if r["sha256_ok"] else ("SHA-256 MISMATCH" if r["path"] else "")
+        print(f"{r['name']:<18} {where}  {ok}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "corpora": cmd_corpora}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[ns.command](ns)
+    except RnnlabError as e:
+        print(f"rnnlab {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rnnlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Typed, frozen configuration. The defaults are the book's §8.5 run.
+
+Every field carries a one-line help text (and, where it applies, its choices); the CLI is generated from
+these dataclasses, so a field added here appears as a flag with its default in `--help`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = None):
+    """A dataclass field with the metadata the CLI needs (help text, choices, a flag name if not the field's)."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for sequence defaults: configs are frozen")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which text, how it becomes tokens, and how it is split."""
+
+    corpus: str = option("timemachine", "corpus name (see `rnnlab corpora`) or path to a UTF-8 text file")
+    data_dir: str | None = option(None, "directory searched first for named corpora (then $RNNLAB_DATA, the cache)")
+    preprocess: str = option("d2l", "d2l: the book's per-line [^A-Za-z]+ -> space, strip, lower; "
+                                    "letters: the same over the whole text; raw: every character kept",
+                             choices=("d2l", "letters", "raw"))
+    token: str = option("char", "token type", choices=("char", "word"))
+    max_tokens: int = option(10000, "train on at most the first N tokens of the training split (<= 0: all)")
+    val_fraction: float = option(0.1, "last fraction of the encoded corpus held out, never trained on")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: the book's scratch RNN."""
+
+    cell: str = option("rnn", "recurrent cell", choices=("rnn",))
+    num_hiddens: int = option(512, "hidden units H")
+    activation: str = option("tanh", "hidden-state nonlinearity", choices=("tanh", "relu"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the epoch loop."""
+
+    batch_size: int = option(32, "minibatch size B")
+    num_steps: int = option(35, "time steps T per minibatch (truncated BPTT length)")
+    lr: float = option(1.0, "SGD learning rate")
+    theta: float = option(1.0, "clip gradients to this global L2 norm (0: no clipping)", flag="clip")
+    num_epochs: int = option(500, "train up to this epoch (with --resume: continue up to it)")
+    sampling: str = option("sequential", "minibatch sampling: sequential partitioning carries the hidden "
+                                         "state across minibatches; random re-initialises it each minibatch",
+                           choices=("sequential", "random"))
+    seed: int = option(0, "seed for the initial weights and the data order")
+    backend: str = option("auto", "auto: torch when installed, else numpy", choices=("auto", "numpy", "torch"))
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:N")
+    dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "float64"))
+    log_every: int = option(10, "evaluate, log, sample and checkpoint every N epochs")
+    prefixes: tuple[str, ...] = option(("time traveller", "traveller"), "prefixes sampled greedily at each log")
+    num_preds: int = option(50, "characters generated per logged sample")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Decoding from a trained model."""
+
+    prefix: str = option("time traveller", "text the state is warmed up on")
+    num_chars: int = option(50, "tokens to generate after the prefix")
+    temperature: float = option(0.0, "0: greedy argmax (the book); > 0: sample from softmax(logits / T)")
+    seed: int = option(0, "seed for sampling")
+
+
+# Fields that define what a run computes; on --resume they must match the checkpoint.
+RUN_DEFINING = {
+    "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "data_dir"),
+    "model": tuple(f.name for f in dataclasses.fields(ModelConfig)),
+    "train": ("batch_size", "num_steps", "lr", "theta", "sampling", "seed", "dtype"),
+}
+
+
+def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
+    """Raise ValueError with one clear line for sizes a run cannot use."""
+    positive = {"--num-hiddens": model.num_hiddens, "--batch-size": train.batch_size,
+                "--num-steps": train.num_steps, "--num-epochs": train.num_epochs,
+                "--log-every": train.log_every, "--lr": train.lr}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if train.theta < 0:
+        raise ValueError(f"--clip must be >= 0 (0 turns clipping off), got {train.theta}")
+    if train.num_preds < 0:
+        raise ValueError(f"--num-preds must be >= 0, got {train.num_preds}")
+    if not 0.0 < data.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {data.val_fraction}")
+
+
+def to_dict(cfg) -> dict:
+    """JSON-ready dict of a config (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a config from `to_dict` output, ignoring unknown keys (older/newer checkpoints)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})

@@ -1,0 +1,47 @@
+"""Held-out evaluation: the split, and scoring a token stream with carried state.
+
+Perplexity is exp of the token-weighted mean negative log-likelihood over the whole stream, never a mean of
+per-batch perplexities. Bits per token = nats per token / ln 2 (bits per character for character tokens).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import RnnlabError
+
+
+def split(corpus: np.ndarray, val_fraction: float, max_tokens: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): val is the last `val_fraction` of the corpus; train is what precedes it, cut to
+    its first `max_tokens` when that is positive. The held-out part never depends on `max_tokens`."""
+    num_val = int(len(corpus) * val_fraction)
+    if num_val < 2:
+        raise RnnlabError(f"corpus of {len(corpus)} tokens leaves {num_val} held-out tokens at "
+                          f"--val-fraction {val_fraction}; at least 2 are needed")
+    train, val = corpus[:-num_val], corpus[-num_val:]
+    if max_tokens > 0:
+        train = train[:max_tokens]
+    return train, val
+
+
+def summarize(nll_sum: float, count: int) -> dict:
+    """Nats, bits and perplexity per token from a summed NLL."""
+    nats = nll_sum / count
+    return {"tokens": int(count), "nats_per_token": nats, "bits_per_token": nats / math.log(2),
+            "perplexity": math.exp(nats) if nats < 700 else math.inf}
+
+
+def score_stream(backend, tokens: np.ndarray, chunk: int = 256) -> dict:
+    """Score tokens[1:] given everything before them: one stream, batch 1, the state carried throughout."""
+    if len(tokens) < 2:
+        raise RnnlabError("need at least 2 tokens to score")
+    state = backend.begin_state(1)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = len(tokens) - 1
+    total = 0.0
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        nll_sum, state = backend.nll(tokens[None, start:stop], tokens[None, start + 1:stop + 1], state)
+        total += nll_sum
+    return summarize(total, n)

@@ -1,0 +1,58 @@
+"""Decoding, written once over a step callback: warm up on a prefix, then emit tokens one at a time.
+
+    step(token_ids (B,), state) -> (logits (B, V) numpy, state)
+
+Greedy decoding (temperature 0) is the book's `predict_ch8`; temperature T > 0 samples from
+softmax(logits / T) with an explicit numpy Generator, so a seed reproduces the text. Any backend, or a fake
+model in the tests, provides `step`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import RnnlabError
+
+
+def pick(logits: np.ndarray, temperature: float, rng: np.random.Generator | None) -> np.ndarray:
+    """(B, V) logits -> (B,) next tokens: argmax, or a sample at the given temperature."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return logits.argmax(axis=1)
+    z = logits / temperature
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    cdf = np.cumsum(p, axis=1)
+    u = rng.random((len(cdf), 1)) * cdf[:, -1:]           # inverse-CDF sampling, one uniform per row
+    return np.minimum((cdf <= u).sum(axis=1), cdf.shape[1] - 1)
+
+
+def generate(step, state, prefix_ids, num_preds: int, temperature: float = 0.0,
+             rng: np.random.Generator | None = None) -> np.ndarray:
+    """Continue `prefix_ids` by `num_preds` tokens for every row of `state`.
+
+    Returns (B, len(prefix) + num_preds) token ids, the prefix included, like the book's `predict_ch8`.
+    """
+    if len(prefix_ids) == 0:
+        raise RnnlabError("the prefix is empty: give at least one character to warm up on")
+    if temperature < 0:
+        raise RnnlabError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and rng is None:
+        rng = np.random.default_rng()
+    B = len(state[0]) if isinstance(state, tuple) else len(state)
+    out = np.empty((B, len(prefix_ids) + num_preds), dtype=np.int64)
+    out[:, : len(prefix_ids)] = prefix_ids
+    # 1) warm up: run the state through every prefix token but the last, ignoring the outputs
+    for tok in prefix_ids[:-1]:
+        _, state = step(np.full(B, tok), state)
+    # 2) decode: feed the latest token, pick the next from the logits
+    for i in range(len(prefix_ids), out.shape[1]):
+        logits, state = step(out[:, i - 1], state)
+        out[:, i] = pick(logits, temperature, rng)
+    return out
+
+
+def predict(backend, vocab, prefix_tokens, num_preds: int, temperature: float = 0.0,
+            rng=None, num_samples: int = 1, joiner: str = "") -> list[str]:
+    """Text continuations of a tokenized prefix from a backend (the book's `predict_ch8` when greedy)."""
+    ids = vocab[list(prefix_tokens)]
+    out = generate(backend.step, backend.begin_state(num_samples), ids, num_preds, temperature, rng)
+    return [joiner.join(vocab.to_tokens(list(row))) for row in out]

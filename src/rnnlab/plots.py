@@ -1,0 +1,30 @@
+"""Perplexity curves: train and held-out perplexity per logged epoch, drawn off-screen (Agg) to a PNG."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from .fileio import atomic_write_bytes
+
+
+def plot_perplexity(records: list[dict], path, title: str = "") -> None:
+    """Write a log-scale plot of `train_ppl` and `val_ppl` against `epoch` to `path` (atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    epochs = [r["epoch"] for r in records]
+    ax.plot(epochs, [r["train_ppl"] for r in records], marker=".", label="train")
+    ax.plot(epochs, [r["val_ppl"] for r in records], marker=".", label="held-out")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(Path(path), buf.getvalue())

@@ -1,0 +1,65 @@
+"""Minibatch samplers with exactly the book's semantics, driven by an explicit `numpy.random.Generator`.
+
+Shapes: corpus (N,) token indices; every minibatch is X, Y of shape (B, T), B = batch_size, T = num_steps,
+with Y the tokens that follow X (Y[b, t] = corpus[i + 1] where X[b, t] = corpus[i]). Remainders are dropped.
+
+Both samplers draw their randomness (offset, order) when called, not lazily while iterating, so the
+generator's state after the call does not depend on how far the batches are consumed.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+SAMPLINGS = ("sequential", "random")
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+def seq_data_iter_random(corpus: np.ndarray, batch_size: int, num_steps: int,
+                         rng: np.random.Generator) -> Iterator[Batch]:
+    """Random sampling: subsequences of length T start at a random offset in [0, T) and are shuffled.
+
+    Within an epoch the subsequences are disjoint; neighbouring rows of consecutive minibatches are not
+    neighbours in the text, so the hidden state is re-initialised for every minibatch.
+    """
+    corpus = corpus[int(rng.integers(0, num_steps)):]
+    num_subseqs = (len(corpus) - 1) // num_steps  # -1: every X needs its Y
+    initial_indices = rng.permutation(np.arange(0, num_subseqs * num_steps, num_steps))
+    num_batches = num_subseqs // batch_size
+    steps = np.arange(num_steps)
+    starts = initial_indices[: num_batches * batch_size].reshape(num_batches, batch_size)
+    return ((corpus[s[:, None] + steps].astype(np.int64), corpus[s[:, None] + steps + 1].astype(np.int64))
+            for s in starts)
+
+
+def seq_data_iter_sequential(corpus: np.ndarray, batch_size: int, num_steps: int,
+                             rng: np.random.Generator) -> Iterator[Batch]:
+    """Sequential partitioning: the text from a random offset in [0, T] is cut into B parallel streams.
+
+    Row b of minibatch k+1 continues row b of minibatch k, so the hidden state can be carried across.
+    (The book draws this offset with `random.randint(0, num_steps)`, which includes num_steps.)
+    """
+    offset = int(rng.integers(0, num_steps + 1))
+    num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
+    Xs = corpus[offset: offset + num_tokens].reshape(batch_size, -1)
+    Ys = corpus[offset + 1: offset + 1 + num_tokens].reshape(batch_size, -1)
+    num_batches = Xs.shape[1] // num_steps
+    return ((Xs[:, i: i + num_steps].astype(np.int64), Ys[:, i: i + num_steps].astype(np.int64))
+            for i in range(0, num_steps * num_batches, num_steps))
+
+
+def batches(corpus: np.ndarray, batch_size: int, num_steps: int, sampling: str,
+            rng: np.random.Generator) -> Iterator[Batch]:
+    """One epoch of minibatches from the named sampler."""
+    if sampling == "random":
+        return seq_data_iter_random(corpus, batch_size, num_steps, rng)
+    if sampling == "sequential":
+        return seq_data_iter_sequential(corpus, batch_size, num_steps, rng)
+    raise ValueError(f"unknown sampling {sampling!r}; choose from {SAMPLINGS}")
+
+
+def min_tokens(batch_size: int, num_steps: int, sampling: str) -> int:
+    """Fewest corpus tokens that give at least one minibatch whatever offset is drawn."""
+    largest_offset = num_steps - 1 if sampling == "random" else num_steps
+    return batch_size * num_steps + largest_offset + 1

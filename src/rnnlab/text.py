@@ -1,0 +1,160 @@
+"""Text pipeline: preprocessing, tokenization, the book's `Vocab`, and vectorised encoding.
+
+Preprocessing modes:
+  d2l      the book's `read_time_machine`: each line [^A-Za-z]+ -> ' ', stripped, lower-cased; for characters the
+           lines are concatenated with no separator (170,580 tokens for The Time Machine, as the book's corpus)
+  letters  the same substitution over the whole text, so words on either side of a line break stay apart
+  raw      every character kept (only line endings normalised to '\n')
+"""
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+
+from .errors import RnnlabError
+
+PREPROCESS_MODES = ("d2l", "letters", "raw")
+TOKEN_TYPES = ("char", "word")
+_NON_LETTERS = re.compile("[^A-Za-z]+")
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as Python's text-mode `readlines` splits them (universal newlines)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def preprocess(text: str, mode: str, token: str = "char") -> str:
+    """Apply a preprocessing mode; the result is what gets tokenized (chars, or words split on whitespace)."""
+    if mode == "d2l":
+        lines = [_NON_LETTERS.sub(" ", line).strip().lower() for line in _lines(text)]
+        # The book flattens per-line char lists with no separator; words are split per line.
+        return ("" if token == "char" else " ").join(lines)
+    if mode == "letters":
+        return _NON_LETTERS.sub(" ", text).lower()
+    if mode == "raw":
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+    raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
+
+
+def normalize_prefix(prefix: str, mode: str) -> str:
+    """Map a user's prompt into the model's alphabet (no stripping: a trailing space is meaningful)."""
+    if mode in ("d2l", "letters"):
+        return _NON_LETTERS.sub(" ", prefix).lower()
+    return prefix
+
+
+def tokenize(text: str, token: str = "char") -> list[str] | str:
+    """Characters (the string itself, a sequence of chars) or whitespace-separated words."""
+    if token == "char":
+        return text
+    if token == "word":
+        return text.split()
+    raise ValueError(f"unknown token type {token!r}; choose from {TOKEN_TYPES}")
+
+
+def count_corpus(tokens) -> collections.Counter:
+    """Token frequencies of a flat or nested (list of lines) token sequence, as the book's `count_corpus`."""
+    if len(tokens) and isinstance(tokens[0], list):
+        tokens = [tok for line in tokens for tok in line]
+    return collections.Counter(tokens)
+
+
+class Vocab:
+    """The book's vocabulary: `<unk>` at index 0, then reserved tokens, then tokens by descending frequency.
+
+    Ties keep first-occurrence order (a stable sort of a Counter, exactly as the book). Tokens rarer than
+    `min_freq` are left out and map to `<unk>`.
+    """
+
+    def __init__(self, tokens=None, min_freq: int = 0, reserved_tokens=None):
+        counter = count_corpus(tokens if tokens is not None else [])
+        self._token_freqs = sorted(counter.items(), key=lambda x: x[1], reverse=True)
+        self.idx_to_token = ["<unk>"] + list(reserved_tokens or [])
+        self.token_to_idx = {tok: idx for idx, tok in enumerate(self.idx_to_token)}
+        for tok, freq in self._token_freqs:
+            if freq < min_freq:
+                break
+            if tok not in self.token_to_idx:
+                self.idx_to_token.append(tok)
+                self.token_to_idx[tok] = len(self.idx_to_token) - 1
+
+    @classmethod
+    def from_tokens_list(cls, idx_to_token: list[str], token_freqs=()) -> "Vocab":
+        """Rebuild a vocabulary saved as its index->token list (from a checkpoint)."""
+        if not idx_to_token or idx_to_token[0] != "<unk>" or len(set(idx_to_token)) != len(idx_to_token):
+            raise RnnlabError("vocabulary must start with '<unk>' and hold distinct tokens")
+        vocab = cls()
+        vocab.idx_to_token = list(idx_to_token)
+        vocab.token_to_idx = {tok: idx for idx, tok in enumerate(vocab.idx_to_token)}
+        vocab._token_freqs = [(tok, int(freq)) for tok, freq in token_freqs]
+        return vocab
+
+    def __len__(self) -> int:
+        return len(self.idx_to_token)
+
+    def __getitem__(self, tokens):
+        if not isinstance(tokens, (list, tuple)):
+            return self.token_to_idx.get(tokens, self.unk)
+        return [self.__getitem__(tok) for tok in tokens]
+
+    def to_tokens(self, indices):
+        if not isinstance(indices, (list, tuple, np.ndarray)):
+            return self.idx_to_token[int(indices)]
+        return [self.idx_to_token[int(i)] for i in indices]
+
+    @property
+    def unk(self) -> int:
+        return 0
+
+    @property
+    def token_freqs(self) -> list[tuple[str, int]]:
+        return self._token_freqs
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token index."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+_CHUNK = 1 << 22  # characters encoded at a time: bounds the temporary int32 code-point buffer
+
+
+def encode(tokens, vocab: Vocab) -> np.ndarray:
+    """Token indices as a compact 1-D array; unknown tokens become `<unk>`.
+
+    Characters are encoded without a per-character Python loop: code points through a lookup table.
+    """
+    dtype = index_dtype(len(vocab))
+    if not isinstance(tokens, str):
+        get = vocab.token_to_idx.get
+        return np.fromiter((get(t, vocab.unk) for t in tokens), dtype=dtype, count=len(tokens))
+    lut = np.full(0x110000, vocab.unk, dtype=dtype)  # every Unicode code point -> index
+    for tok, idx in vocab.token_to_idx.items():
+        if len(tok) == 1:
+            lut[ord(tok)] = idx
+    out = np.empty(len(tokens), dtype=dtype)
+    for start in range(0, len(tokens), _CHUNK):
+        piece = tokens[start:start + _CHUNK]
+        codes = np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        out[start:start + len(piece)] = lut[codes]
+    return out
+
+
+def decode(indices, vocab: Vocab, token: str = "char") -> str:
+    """Indices back to text: characters joined directly, words with spaces."""
+    return ("" if token == "char" else " ").join(vocab.to_tokens(list(np.asarray(indices).reshape(-1))))
+
+
+def load_corpus(text: str, preprocess_mode: str = "d2l", token: str = "char", min_freq: int = 0):
+    """(corpus, vocab): the whole text encoded, vocabulary built over the whole text (as the book does)."""
+    tokens = tokenize(preprocess(text, preprocess_mode, token), token)
+    if len(tokens) == 0:
+        raise RnnlabError(f"no tokens left after '{preprocess_mode}' preprocessing")
+    vocab = Vocab(tokens, min_freq=min_freq)
+    return encode(tokens, vocab), vocab

@@ -1,0 +1,273 @@
+"""The training run: data, the epoch loop with the book's state handling, evaluation cadence, run directory.
+
+Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
+
+One epoch is the book's `train_epoch_ch8`: for each (X, Y) minibatch, a fresh zero state when sampling is
+random (or at the start of the epoch), otherwise the previous minibatch's final state, detached; mean
+cross-entropy over the T*B predictions; gradients clipped to global norm theta; SGD. Train perplexity is
+exp of the token-weighted mean loss over the epoch.
+
+Every `log_every` epochs (and at the last) the held-out split is scored as one stream, greedy samples are
+drawn, and, with an output directory, metrics.jsonl, the checkpoint and the plot are rewritten atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import cells, checkpoint, corpora, evaluate, generate, optim, samplers, text
+from .backends import make_backend
+from .config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict, validate_sizes
+from .errors import RnnlabError
+from .fileio import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "perplexity.png"
+
+
+@dataclass
+class Dataset:
+    """The encoded corpus split into its training part and its held-out part, with the vocabulary."""
+    train: np.ndarray
+    val: np.ndarray
+    vocab: text.Vocab
+    path: Path
+    sha256: str
+
+
+def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None) -> Dataset:
+    """Read, preprocess, encode (with `vocab`, or one built over the whole text as the book does) and split."""
+    raw, path = corpora.load(cfg.corpus, cfg.data_dir)
+    tokens = text.tokenize(text.preprocess(raw, cfg.preprocess, cfg.token), cfg.token)
+    if len(tokens) == 0:
+        raise RnnlabError(f"{path}: no tokens left after '{cfg.preprocess}' preprocessing")
+    vocab = vocab or text.Vocab(tokens)
+    train, val = evaluate.split(text.encode(tokens, vocab), cfg.val_fraction, cfg.max_tokens)
+    return Dataset(train, val, vocab, path, corpora.sha256_file(path))
+
+
+@dataclass
+class Run:
+    """Everything a training run carries from epoch to epoch (and through a checkpoint)."""
+    data_cfg: DataConfig
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    dataset: Dataset
+    backend: object
+    rng: np.random.Generator          # data order: sampler offsets and shuffles
+    epoch: int = 0
+    elapsed_s: float = 0.0            # wall time of all sessions of this run, evaluation included
+    records: list[dict] = field(default_factory=list)
+
+
+def _generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """Independent generators for the initial weights and the data order, both from one seed."""
+    init_seq, data_seq = np.random.SeedSequence(seed).spawn(2)
+    return np.random.default_rng(init_seq), np.random.default_rng(data_seq)
+
+
+def _check_trainable(dataset: Dataset, cfg: TrainConfig) -> None:
+    needed = samplers.min_tokens(cfg.batch_size, cfg.num_steps, cfg.sampling)
+    if len(dataset.train) < needed:
+        raise RnnlabError(
+            f"training split has {len(dataset.train)} tokens; --batch-size {cfg.batch_size} x --num-steps "
+            f"{cfg.num_steps} with {cfg.sampling} sampling needs at least {needed}")
+
+
+def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
+    """Load the data and initialise the book's parameters from the seed."""
+    validate_sizes(data_cfg, model_cfg, train_cfg)
+    dataset = load_dataset(data_cfg)
+    _check_trainable(dataset, train_cfg)
+    init_rng, data_rng = _generators(train_cfg.seed)
+    params = cells.init_params(len(dataset.vocab), model_cfg.num_hiddens, init_rng, np.dtype(train_cfg.dtype))
+    backend = make_backend(train_cfg.backend, params, model_cfg.activation, train_cfg.device)
+    return Run(data_cfg, model_cfg, train_cfg, dataset, backend, data_rng)
+
+
+def resume_run(out, overrides: dict | None = None) -> Run:
+    """Rebuild a run from the checkpoint in `out`; `overrides` may change fields that do not alter what
+    the run computes (num_epochs, log_every, backend, device, prefixes, num_preds, data_dir)."""
+    ckpt = checkpoint.load(out)
+    cfg = ckpt.config
+    data_cfg, model_cfg = from_dict(DataConfig, cfg["data"]), from_dict(ModelConfig, cfg["model"])
+    train_cfg = from_dict(TrainConfig, cfg["train"])
+    overrides = overrides or {}
+    if "data_dir" in overrides:
+        data_cfg = dataclasses.replace(data_cfg, data_dir=overrides.pop("data_dir"))
+    train_cfg = dataclasses.replace(train_cfg, **overrides)
+    validate_sizes(data_cfg, model_cfg, train_cfg)
+    vocab = text.Vocab.from_tokens_list(ckpt.vocab)
+    dataset = load_dataset(data_cfg, vocab)
+    if ckpt.extra.get("corpus_sha256") not in (None, dataset.sha256):
+        raise RnnlabError(f"the corpus file {dataset.path} changed since the checkpoint was written; "
+                          "resuming would train on different data")
+    rng = np.random.default_rng()
+    rng.bit_generator.state = ckpt.rng_state
+    backend = make_backend(train_cfg.backend, ckpt.params, model_cfg.activation, train_cfg.device)
+    records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
+    return Run(data_cfg, model_cfg, train_cfg, dataset, backend, rng, ckpt.epoch,
+               float(ckpt.extra.get("elapsed_s", 0.0)), records)
+
+
+@dataclass
+class EpochStats:
+    nll_sum: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    clipped: int = 0
+
+    def add(self, other: "EpochStats") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def ppl(self) -> float:
+        nats = self.nll_sum / max(self.tokens, 1)
+        return math.exp(nats) if nats < 700 else math.inf
+
+
+def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> EpochStats:
+    """One pass over the training split (the book's `train_epoch_ch8`)."""
+    stats, state = EpochStats(), None
+    start = time.perf_counter()
+    for X, Y in samplers.batches(corpus, cfg.batch_size, cfg.num_steps, cfg.sampling, rng):
+        if state is None or cfg.sampling == "random":
+            state = backend.begin_state(X.shape[0])
+        loss, grads, state = backend.loss_and_grads(X, Y, state)   # state comes back detached
+        _, clipped = optim.clip_grad_norm(grads, cfg.theta)
+        optim.sgd(backend.params, grads, cfg.lr)
+        stats.nll_sum += loss * Y.size
+        stats.tokens += Y.size
+        stats.steps += 1
+        stats.clipped += clipped
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def samples(run: Run) -> dict[str, str]:
+    """Greedy continuations of the configured prefixes (the book prints these while training)."""
+    joiner = "" if run.data_cfg.token == "char" else " "
+    out = {}
+    for prefix in run.train_cfg.prefixes:
+        tokens = text.tokenize(text.normalize_prefix(prefix, run.data_cfg.preprocess), run.data_cfg.token)
+        if len(tokens):
+            out[prefix] = generate.predict(run.backend, run.dataset.vocab, tokens, run.train_cfg.num_preds,
+                                           joiner=joiner)[0]
+    return out
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
+
+
+def make_record(run: Run, epoch: EpochStats, window: EpochStats, val: dict, sample_text: dict) -> dict:
+    """One metrics.jsonl line: train ppl of the latest epoch; speed and clipping over the epochs since the
+    previous record, training time only."""
+    bits = val["bits_per_token"]
+    return {"epoch": run.epoch, "train_ppl": _finite(epoch.ppl), "val_ppl": _finite(val["perplexity"]),
+            "val_bpc": _finite(bits) if run.data_cfg.token == "char" else None,
+            "val_bits_per_token": _finite(bits), "val_tokens": val["tokens"],
+            "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+            "clip_frac": window.clipped / max(window.steps, 1), "elapsed_s": round(run.elapsed_s, 3),
+            "samples": sample_text}
+
+
+def format_record(r: dict) -> str:
+    """The one log line per logged epoch."""
+    def num(x, fmt):
+        return format(x, fmt) if x is not None else "inf"
+    line = (f"epoch {r['epoch']:>4}  train ppl {num(r['train_ppl'], '.3f')}  val ppl {num(r['val_ppl'], '.2f')}"
+            f"  val {num(r['val_bits_per_token'], '.3f')} bits/tok  {r['tokens_per_s'] / 1e3:.1f}K tok/s")
+    return line + "".join(f"  | {s!r}" for s in r["samples"].values())
+
+
+def read_metrics(out) -> list[dict]:
+    path = Path(out) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break   # a line from a crashed writer: everything before it is intact
+    return records
+
+
+def save_run(run: Run, out) -> None:
+    """Checkpoint, metrics and plot, each written atomically (checkpoint first: metrics never run ahead)."""
+    from .plots import plot_perplexity
+    out = Path(out)
+    cfg = {"data": to_dict(run.data_cfg), "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg)}
+    extra = {"corpus_path": str(run.dataset.path), "corpus_sha256": run.dataset.sha256,
+             "train_tokens": len(run.dataset.train), "val_tokens": len(run.dataset.val),
+             "backend": run.backend.name, "elapsed_s": run.elapsed_s,
+             "metrics": run.records[-1] if run.records else None,
+             "vocab_token_freqs": [list(tf) for tf in run.dataset.vocab.token_freqs]}
+    checkpoint.save(out, checkpoint.Checkpoint(
+        params=run.backend.numpy_params(), config=cfg, vocab=run.dataset.vocab.idx_to_token, epoch=run.epoch,
+        rng_state=run.rng.bit_generator.state, extra=extra))
+    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in run.records))
+    plot_perplexity(run.records, out / PLOT_FILE, title=f"{run.data_cfg.corpus}: {run.model_cfg.cell}, "
+                                                        f"H={run.model_cfg.num_hiddens}")
+
+
+def prepare_out(out, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked; with `overwrite`, remove only rnnlab's own files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RnnlabError(f"--out {out} exists and is not a directory")
+    if checkpoint.exists(out):
+        if not overwrite:
+            raise RnnlabError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                              "replace it, or choose another --out")
+        for name in [checkpoint.META_FILE, METRICS_FILE, PLOT_FILE]:
+            (out / name).unlink(missing_ok=True)
+        for old in out.glob("weights-e*.safetensors"):
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: bool = True) -> list[dict]:
+    """Train up to `run.train_cfg.num_epochs`, evaluating, logging and checkpointing every `log_every`.
+
+    `log` receives one line per logged epoch (default: printed above the progress bar).
+    """
+    from tqdm.auto import tqdm
+    log = log or tqdm.write
+    cfg = run.train_cfg
+    _check_trainable(run.dataset, cfg)
+    window = EpochStats()       # training since the last log: tokens/s and train ppl of the interval
+    bar = tqdm(total=cfg.num_epochs, initial=run.epoch, unit="epoch", disable=not progress or None,
+               leave=False, dynamic_ncols=True)
+    session_start, elapsed_before = time.perf_counter(), run.elapsed_s
+    try:
+        while run.epoch < cfg.num_epochs:
+            stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng)
+            run.epoch += 1
+            bar.update(1)
+            bar.set_postfix(ppl=f"{stats.ppl:.3f}")
+            window.add(stats)
+            if not math.isfinite(stats.nll_sum):
+                raise RnnlabError(f"training diverged at epoch {run.epoch} (loss is not finite); "
+                                  "try a smaller --lr or turn clipping on with --clip")
+            if run.epoch % cfg.log_every == 0 or run.epoch == cfg.num_epochs:
+                val = evaluate.score_stream(run.backend, run.dataset.val)
+                run.elapsed_s = elapsed_before + time.perf_counter() - session_start
+                run.records.append(make_record(run, stats, window, val, samples(run)))
+                log(format_record(run.records[-1]))
+                if out is not None:
+                    save_run(run, out)
+                window = EpochStats()
+    finally:
+        bar.close()
+    return run.records
