@@ -67,12 +67,17 @@ def given(ns: argparse.Namespace, cls) -> dict:
             for k, v in vars(ns).items() if k.startswith(prefix)}
 
 
+def _add_backend_args(parser) -> None:
+    parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch"),
+                        help="auto: torch when installed, else numpy (default: auto)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default: cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rnnlab", description="Character-level recurrent language models: the d2l §8.5 "
                      "RNN, reproduced exactly, with honest held-out evaluation.")
     parser.add_argument("--version", action="version", version=f"rnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     train = sub.add_parser("train", help="train a model (defaults: the book's run on The Time Machine)")
     train.add_argument("--out", metavar="DIR", help="run directory: metrics.jsonl, checkpoint, plot "
@@ -84,22 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (DataConfig, ModelConfig, TrainConfig):
         add_config_args(train, cls)
 
-    gen = sub.add_parser("generate", help="continue a prefix with a trained model", formatter_class=fmt)
+    gen = sub.add_parser("generate", help="continue a prefix with a trained model")
     gen.add_argument("--checkpoint", metavar="DIR", required=True, help="run directory of `rnnlab train`")
     add_config_args(gen, GenerateConfig)
-    gen.add_argument("--num-samples", type=int, default=1, metavar="N", help="continuations decoded at once")
-    gen.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch"))
-    gen.add_argument("--device", default="cpu", help="torch device")
+    gen.add_argument("--num-samples", type=int, default=1, metavar="N",
+                     help="continuations decoded at once (default: 1)")
+    _add_backend_args(gen)
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    ev = sub.add_parser("eval", help="score held-out text (prints JSON)", formatter_class=fmt)
+    ev = sub.add_parser("eval", help="score held-out text (prints JSON)")
     ev.add_argument("--checkpoint", metavar="DIR", required=True, help="run directory of `rnnlab train`")
     ev.add_argument("--corpus", help="corpus name or file (default: the one the model was trained on)")
-    ev.add_argument("--data-dir", help="directory searched first for named corpora")
+    ev.add_argument("--data-dir", help="directory searched first for named corpora (default: the checkpoint's)")
     ev.add_argument("--split", default="val", choices=("val", "train", "all"),
-                    help="val: the last --val-fraction of the corpus, as held out in training")
-    ev.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch"))
-    ev.add_argument("--device", default="cpu", help="torch device")
+                    help="val: the last --val-fraction of the corpus, as held out in training (default: val)")
+    _add_backend_args(ev)
 
     corp = sub.add_parser("corpora", help="named corpora: where they were found and whether the hash is right")
     corp.add_argument("--data-dir", help="directory searched first")
@@ -108,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(ns) -> int:
+    from . import checkpoint
     from . import train as training
     data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
     if ns.resume:
         if not ns.out:
             raise RnnlabError("--resume needs --out DIR, the run to continue")
-        ckpt_cfg = json.loads((Path(ns.out) / "checkpoint.json").read_text()).get("config", {}) \
-            if (Path(ns.out) / "checkpoint.json").is_file() else {}
+        ckpt_cfg = checkpoint.load(ns.out).config
         for section, values in (("data", data), ("model", model), ("train", train_cfg)):
             for name in RUN_DEFINING[section]:
                 if name in values and ckpt_cfg.get(section, {}).get(name) != _jsonable(values[name]):
@@ -133,7 +137,9 @@ def cmd_train(ns) -> int:
     print(f"corpus {d.path.name}: {len(d.train):,} training / {len(d.val):,} held-out tokens, "
           f"vocab {len(d.vocab)}; backend {run.backend.name}, {c.dtype}, device {c.device}", file=sys.stderr)
     try:
-        records = training.fit(run, ns.out, progress=not ns.quiet)
+        # with --json, stdout carries only the result: log lines go to stderr
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if ns.json else None
+        records = training.fit(run, ns.out, log=log, progress=not ns.quiet)
     except KeyboardInterrupt:
         saved = f"; last checkpoint in {ns.out}" if ns.out else ""
         print(f"rnnlab: interrupted at epoch {run.epoch}{saved}", file=sys.stderr)

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import RnnlabError
+
 
 def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = None):
     """A dataclass field with the metadata the CLI needs (help text, choices, a flag name if not the field's)."""
@@ -81,19 +83,19 @@ RUN_DEFINING = {
 
 
 def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
-    """Raise ValueError with one clear line for sizes a run cannot use."""
+    """Raise RnnlabError with one clear line for sizes a run cannot use."""
     positive = {"--num-hiddens": model.num_hiddens, "--batch-size": train.batch_size,
                 "--num-steps": train.num_steps, "--num-epochs": train.num_epochs,
                 "--log-every": train.log_every, "--lr": train.lr}
     for flag, value in positive.items():
         if not value > 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
+            raise RnnlabError(f"{flag} must be positive, got {value}")
     if train.theta < 0:
-        raise ValueError(f"--clip must be >= 0 (0 turns clipping off), got {train.theta}")
+        raise RnnlabError(f"--clip must be >= 0 (0 turns clipping off), got {train.theta}")
     if train.num_preds < 0:
-        raise ValueError(f"--num-preds must be >= 0, got {train.num_preds}")
+        raise RnnlabError(f"--num-preds must be >= 0, got {train.num_preds}")
     if not 0.0 < data.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {data.val_fraction}")
+        raise RnnlabError(f"--val-fraction must be in (0, 1), got {data.val_fraction}")
 
 
 def to_dict(cfg) -> dict:

@@ -26,10 +26,12 @@ def pick(logits: np.ndarray, temperature: float, rng: np.random.Generator | None
 
 
 def generate(step, state, prefix_ids, num_preds: int, temperature: float = 0.0,
-             rng: np.random.Generator | None = None) -> np.ndarray:
+             rng: np.random.Generator | None = None, never_sample=()) -> np.ndarray:
     """Continue `prefix_ids` by `num_preds` tokens for every row of `state`.
 
     Returns (B, len(prefix) + num_preds) token ids, the prefix included, like the book's `predict_ch8`.
+    Token ids in `never_sample` (such as `<unk>`) are never drawn when sampling; greedy decoding is
+    left exactly as the book's argmax.
     """
     if len(prefix_ids) == 0:
         raise RnnlabError("the prefix is empty: give at least one character to warm up on")
@@ -46,6 +48,9 @@ def generate(step, state, prefix_ids, num_preds: int, temperature: float = 0.0,
     # 2) decode: feed the latest token, pick the next from the logits
     for i in range(len(prefix_ids), out.shape[1]):
         logits, state = step(out[:, i - 1], state)
+        if temperature > 0 and len(never_sample):
+            logits = np.array(logits, dtype=np.float64)
+            logits[:, list(never_sample)] = -np.inf
         out[:, i] = pick(logits, temperature, rng)
     return out
 
@@ -54,5 +59,6 @@ def predict(backend, vocab, prefix_tokens, num_preds: int, temperature: float = 
             rng=None, num_samples: int = 1, joiner: str = "") -> list[str]:
     """Text continuations of a tokenized prefix from a backend (the book's `predict_ch8` when greedy)."""
     ids = vocab[list(prefix_tokens)]
-    out = generate(backend.step, backend.begin_state(num_samples), ids, num_preds, temperature, rng)
+    out = generate(backend.step, backend.begin_state(num_samples), ids, num_preds, temperature, rng,
+                   never_sample=[vocab.unk])
     return [joiner.join(vocab.to_tokens(list(row))) for row in out]

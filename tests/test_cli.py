@@ -1,0 +1,535 @@
+"""The command line, driven through `rnnlab.cli.main(argv)`: help, tiny training runs with a run directory,
+resuming, generating, evaluating, and one clear line on stderr (no traceback) for every bad input."""
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rnnlab import cli
+from rnnlab.config import DataConfig, GenerateConfig, ModelConfig, TrainConfig
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY = ["--num-hiddens", "16", "--batch-size", "4", "--num-steps", "5", "--max-tokens", "400",
+        "--num-epochs", "2", "--log-every", "1", "--backend", "numpy", "--quiet"]
+RECORD_KEYS = {"epoch", "train_ppl", "val_ppl", "val_bpc", "tokens_per_s", "elapsed_s"}
+
+
+def tiny(**changes) -> list[str]:
+    """TINY with some flags changed (num_epochs=3 -> --num-epochs 3); a value of None drops the flag."""
+    argv = list(TINY)
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _set_env(mp, cache: Path) -> None:
+    mp.setenv("RNNLAB_DATA", str(DATA))
+    mp.setenv("XDG_CACHE_HOME", str(cache))
+    mp.setenv("COLUMNS", "200")
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch, tmp_path):
+    if not (DATA / "timemachine.txt").is_file():
+        pytest.skip(f"corpora not found at {DATA}")
+    _set_env(monkeypatch, tmp_path / "xdg-cache")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    assert code != 0
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].strip()
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def weights_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("weights-*.safetensors"))
+
+
+def read_metrics(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run (2 epochs, numpy, H=16) with --out and --json, shared read-only by the tests."""
+    if not (DATA / "timemachine.txt").is_file():
+        pytest.skip(f"corpora not found at {DATA}")
+    base = tmp_path_factory.mktemp("trained")
+    out = base / "run"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        _set_env(mp, base / "xdg-cache")
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = cli.main(["train", *TINY, "--out", str(out), "--json"])
+    assert code == 0, stderr.getvalue()
+    return SimpleNamespace(out=out, stdout=stdout.getvalue(), stderr=stderr.getvalue(), files=snapshot(out))
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A private copy of the trained run, for tests that resume, overwrite or corrupt it."""
+    return Path(shutil.copytree(trained.out, tmp_path / "run"))
+
+
+def generate_json(capsys, checkpoint, *argv) -> list[str]:
+    code, out, err = run(capsys, "generate", "--checkpoint", checkpoint, "--json", *argv)
+    assert code == 0, err
+    result = json.loads(out)
+    return result["samples"]
+
+
+# --- help --------------------------------------------------------------------------------------------
+
+def help_entries(text: str) -> dict[str, str]:
+    """flag -> its help entry (invocation and help text, whitespace normalised), from argparse's output."""
+    entries, current = [], None
+    for line in text.splitlines():
+        if re.match(r"^ {2}-\S", line):
+            current = [line.strip()]
+            entries.append(current)
+        elif current is not None and line.startswith("   ") and line.strip():
+            current.append(line.strip())
+        else:
+            current = None
+    by_flag = {}
+    for lines in entries:
+        invocation = re.split(r"\s{2,}", lines[0], maxsplit=1)[0]
+        for flag in re.findall(r"(?<![\w-])--?[\w-]+", invocation):
+            by_flag[flag] = " ".join(" ".join(lines).split())
+    return by_flag
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(repr(v) for v in value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+SUBCOMMAND_CONFIGS = {"train": (DataConfig, ModelConfig, TrainConfig), "generate": (GenerateConfig,),
+                      "eval": (), "corpora": ()}
+LITERAL_DEFAULTS = {
+    "train": {"--clip": "1.0", "--theta": "1.0", "--num-hiddens": "512", "--batch-size": "32",
+              "--num-steps": "35", "--lr": "1.0", "--num-epochs": "500", "--corpus": "'timemachine'",
+              "--prefixes": "'time traveller' 'traveller'", "--data-dir": "None"},
+    "generate": {"--prefix": "'time traveller'", "--num-chars": "50", "--temperature": "0.0", "--seed": "0",
+                 "--num-samples": "1", "--device": "cpu"},
+    "eval": {"--split": "val", "--device": "cpu"},
+    "corpora": {},
+}
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMAND_CONFIGS))
+def test_help_shows_every_flag_with_its_default(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    entries = help_entries(out)
+    # every flag of the subcommand is listed
+    for action in _subparser(command)._actions:
+        for option in action.option_strings:
+            assert option in entries, f"{option} missing from `{command} --help`"
+        default = action.default
+        if action.option_strings and default not in (None, False, argparse.SUPPRESS) and action.help:
+            assert f"(default: {default}" in entries[action.option_strings[0]]
+    # every config field, with the default it really has
+    for cls in SUBCOMMAND_CONFIGS[command]:
+        for f in dataclasses.fields(cls):
+            flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+            assert f"(default: {_shown(f.default)})" in entries[flag], (flag, entries[flag])
+    for flag, shown in LITERAL_DEFAULTS[command].items():
+        assert f"(default: {shown})" in entries[flag], (flag, entries[flag])
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in SUBCOMMAND_CONFIGS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command, flag", [("generate", "--backend"), ("eval", "--backend"),
+                                           ("eval", "--corpus")])
+def test_help_default_shown_once(capsys, command, flag):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    entry = help_entries(capsys.readouterr().out)[flag]
+    assert entry.count("(default:") == 1, entry
+
+
+# --- train -------------------------------------------------------------------------------------------
+
+def test_train_writes_run_directory(trained):
+    names = set(trained.files)
+    assert {"metrics.jsonl", "checkpoint.json", "perplexity.png"} <= names
+    weights = weights_files(trained.out)
+    assert len(weights) == 1
+    assert names == {"metrics.jsonl", "checkpoint.json", "perplexity.png", weights[0].name}
+    assert trained.files["perplexity.png"].startswith(b"\x89PNG\r\n\x1a\n")
+
+    records = read_metrics(trained.out)
+    assert [r["epoch"] for r in records] == [1, 2]           # --log-every 1
+    for r in records:
+        assert RECORD_KEYS <= set(r)
+        assert r["train_ppl"] > 1 and r["val_ppl"] > 1 and r["tokens_per_s"] > 0 and r["elapsed_s"] >= 0
+        assert math.isclose(r["val_bpc"], math.log2(r["val_ppl"]), rel_tol=1e-9)
+
+    meta = json.loads(trained.files["checkpoint.json"])
+    assert meta["epoch"] == 2 and meta["weights"] == weights[0].name
+    assert meta["config"]["model"]["num_hiddens"] == 16
+    assert meta["config"]["train"]["batch_size"] == 4 and meta["config"]["train"]["num_steps"] == 5
+
+
+def test_train_json_output_parses(trained):
+    final = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert final["out"] == str(trained.out)
+    assert final["epoch"] == 2
+    assert RECORD_KEYS <= set(final)
+    last = read_metrics(trained.out)[-1]
+    assert final["val_ppl"] == last["val_ppl"] and final["train_ppl"] == last["train_ppl"]
+
+
+def test_train_json_stdout_is_only_json(trained):
+    json.loads(trained.stdout)
+
+
+def test_train_without_out_prints_summary(capsys):
+    code, out, err = run(capsys, "train", *tiny(num_epochs=1))
+    assert code == 0, err
+    assert "perplexity" in out and "held-out" in out
+    assert "corpus timemachine.txt" in err
+
+
+def test_train_into_existing_run_is_refused(capsys, run_copy):
+    before = snapshot(run_copy)
+    code, out, err = run(capsys, "train", *TINY, "--out", run_copy)
+    assert_one_line_error(code, err, "--resume", "--overwrite")
+    assert code == 1
+    assert snapshot(run_copy) == before
+
+
+def test_overwrite_replaces_run(capsys, run_copy):
+    code, out, err = run(capsys, "train", *tiny(num_epochs=1), "--out", run_copy, "--overwrite")
+    assert code == 0, err
+    assert [r["epoch"] for r in read_metrics(run_copy)] == [1]
+    assert [p.name for p in weights_files(run_copy)][0].startswith("weights-e000001-")
+    assert len(weights_files(run_copy)) == 1
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(capsys, run_copy, trained, tmp_path):
+    code, out, err = run(capsys, "train", *tiny(num_epochs=3), "--out", run_copy, "--resume")
+    assert code == 0, err
+    assert "resuming" in err
+    resumed = read_metrics(run_copy)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert resumed[:2] == read_metrics(trained.out)            # the earlier records are kept as they were
+    assert json.loads((run_copy / "checkpoint.json").read_text())["epoch"] == 3
+    weights = weights_files(run_copy)
+    assert len(weights) == 1 and weights[0].name.startswith("weights-e000003-")
+
+    straight = tmp_path / "straight"
+    code, out, err = run(capsys, "train", *tiny(num_epochs=3), "--out", straight)
+    assert code == 0, err
+    for a, b in zip(resumed, read_metrics(straight)):
+        for key in ("epoch", "train_ppl", "val_ppl", "val_bpc", "samples"):
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("flag, value", [("--num-hiddens", "32"), ("--lr", "0.5"), ("--batch-size", "8")])
+def test_resume_with_different_run_settings_is_refused(capsys, run_copy, flag, value):
+    before = snapshot(run_copy)
+    argv = tiny(num_epochs=3, **{flag[2:].replace("-", "_"): value})
+    code, out, err = run(capsys, "train", *argv, "--out", run_copy, "--resume")
+    assert_one_line_error(code, err, f"{flag} differs from the checkpoint")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_needs_out(capsys):
+    code, out, err = run(capsys, "train", *TINY, "--resume")
+    assert_one_line_error(code, err, "--resume needs --out")
+
+
+def test_resume_without_a_checkpoint(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "--num-epochs", "3", "--quiet", "--out", tmp_path / "empty",
+                         "--resume")
+    assert_one_line_error(code, err, "no checkpoint")
+
+
+def test_resume_without_a_checkpoint_with_run_flags(capsys, tmp_path):
+    code, out, err = run(capsys, "train", *TINY, "--out", tmp_path / "empty", "--resume")
+    assert_one_line_error(code, err, "no checkpoint")
+
+
+def test_resume_with_corrupt_checkpoint_json(capsys, run_copy):
+    (run_copy / "checkpoint.json").write_bytes(b"\xff\xfe\x00garbage\x81")
+    code, out, err = run(capsys, "train", *TINY, "--out", run_copy, "--resume")
+    assert_one_line_error(code, err, "corrupt checkpoint")
+
+
+# --- generate ----------------------------------------------------------------------------------------
+
+def test_generate_greedy_is_deterministic(capsys, trained):
+    first = generate_json(capsys, trained.out, "--num-chars", "40", "--backend", "numpy")
+    second = generate_json(capsys, trained.out, "--num-chars", "40", "--backend", "numpy")
+    assert first == second
+    assert len(first) == 1
+    assert first[0].startswith("time traveller") and len(first[0]) == len("time traveller") + 40
+
+    code, out, err = run(capsys, "generate", "--checkpoint", trained.out, "--num-chars", "40",
+                         "--backend", "numpy")
+    assert code == 0 and out == first[0] + "\n"
+
+
+def test_generate_sampling_follows_the_seed(capsys, trained):
+    argv = ["--temperature", "1", "--num-samples", "8", "--num-chars", "200", "--backend", "numpy"]
+    a = generate_json(capsys, trained.out, *argv, "--seed", "1")
+    b = generate_json(capsys, trained.out, *argv, "--seed", "1")
+    c = generate_json(capsys, trained.out, *argv, "--seed", "2")
+    assert a == b
+    # (a sampled <unk> comes out as the literal text "<unk>": count it as one token)
+    assert len(a) == 8 and all(len(s.replace("<unk>", "?")) == len("time traveller") + 200 for s in a)
+    assert a != c                   # 8 x 200 sampled characters: equal only with negligible probability
+    assert len(set(a)) > 1          # the samples of one call are independent draws
+
+
+def test_generate_on_torch_matches_numpy(capsys, trained):
+    pytest.importorskip("torch")
+    on_numpy = generate_json(capsys, trained.out, "--num-chars", "50", "--backend", "numpy")
+    on_torch = generate_json(capsys, trained.out, "--num-chars", "50", "--backend", "torch")
+    assert on_torch == on_numpy
+
+
+def test_generate_punctuation_prefix_maps_to_a_space(capsys, trained):
+    """d2l preprocessing maps every run of non-letters to one space: such a prefix is a single space."""
+    punct = generate_json(capsys, trained.out, "--prefix", "?!.,;", "--num-chars", "20", "--backend", "numpy")
+    space = generate_json(capsys, trained.out, "--prefix", " ", "--num-chars", "20", "--backend", "numpy")
+    assert punct == space
+    assert punct[0].startswith(" ") and len(punct[0]) == 1 + 20
+    upper = generate_json(capsys, trained.out, "--prefix", "Time Traveller", "--backend", "numpy")
+    lower = generate_json(capsys, trained.out, "--prefix", "time traveller", "--backend", "numpy")
+    assert upper == lower
+
+
+def test_generate_empty_prefix_is_refused(capsys, trained):
+    code, out, err = run(capsys, "generate", "--checkpoint", trained.out, "--prefix", "", "--backend", "numpy")
+    assert_one_line_error(code, err, "prefix is empty")
+    assert out == ""
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--num-samples", "0"], "--num-samples"),
+    (["--num-chars", "-1"], "--num-chars"),
+    (["--temperature", "-1"], "temperature"),
+])
+def test_generate_bad_values(capsys, trained, argv, fragment):
+    code, out, err = run(capsys, "generate", "--checkpoint", trained.out, "--backend", "numpy", *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+# --- eval --------------------------------------------------------------------------------------------
+
+def test_eval_prints_json_matching_training(capsys, trained):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy")
+    assert code == 0, err
+    result = json.loads(out)
+    assert {"perplexity", "bits_per_char", "tokens"} <= set(result)
+    last = read_metrics(trained.out)[-1]
+    assert result["tokens"] == last["val_tokens"]
+    assert math.isclose(result["perplexity"], last["val_ppl"], rel_tol=1e-6)
+    assert math.isclose(result["bits_per_char"], math.log2(result["perplexity"]), rel_tol=1e-9)
+    assert result["checkpoint_epoch"] == 2 and result["split"] == "val"
+    assert Path(result["corpus"]).name == "timemachine.txt"
+
+
+def test_eval_other_corpus(capsys, trained):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--corpus", "war_of_the_worlds",
+                         "--backend", "numpy")
+    assert code == 0, err
+    result = json.loads(out)
+    assert Path(result["corpus"]).name == "war_of_the_worlds.txt"
+    assert result["tokens"] > 1000
+    assert 1 < result["perplexity"] < 28 + 1     # better than nothing, no worse than uniform over 28 tokens
+    assert result["unknown_tokens"] == 0         # d2l preprocessing leaves only lower-case letters and spaces
+
+
+def test_eval_all_split_covers_the_whole_corpus(capsys, trained):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--split", "all", "--backend", "numpy")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == 170580 - 1   # the book's corpus length; max_tokens does not apply
+
+
+# --- corpora -----------------------------------------------------------------------------------------
+
+def test_corpora_json(capsys):
+    code, out, err = run(capsys, "corpora", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == ["timemachine", "war_of_the_worlds", "tinyshakespeare"]
+    for r in rows:
+        if (DATA / f"{r['name']}.txt").is_file():
+            assert r["sha256_ok"] is True and Path(r["path"]).parent == DATA
+
+
+def test_corpora_text(capsys, tmp_path):
+    code, out, err = run(capsys, "corpora")
+    assert code == 0 and out.count("sha256 ok") == len(list(DATA.glob("*.txt")))
+    bad = tmp_path / "dd"
+    bad.mkdir()
+    (bad / "timemachine.txt").write_text("wrong\n")
+    code, out, err = run(capsys, "corpora", "--data-dir", bad)
+    assert code == 0
+    assert "timemachine" in out and "sha256 ok" in out      # the good copy further along the path is found
+
+
+# --- bad input: one line on stderr, no traceback -----------------------------------------------------
+
+def _write(tmp_path: Path, name: str, data: bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+BAD_CORPORA = {
+    "missing": (None, "no such corpus or file"),
+    "empty": (b"", "is empty"),
+    "binary": (b"abc\x00\x01\x02def" * 10, "binary"),
+    "latin1": ("the time traveller sat in his caf\xe9 ".encode("latin-1") * 10, "not valid UTF-8"),
+    "too_short": (b"abcdefghijklmnopqrst", "needs at least"),
+    "no_letters": (b"1234 5678 !!! ??? ...\n" * 20, "no tokens left"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CORPORA))
+def test_train_bad_corpus_file(capsys, tmp_path, kind):
+    data, fragment = BAD_CORPORA[kind]
+    path = tmp_path / f"{kind}.txt"
+    if data is not None:
+        path.write_bytes(data)
+    code, out, err = run(capsys, "train", *TINY, "--corpus", path, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_unknown_corpus_name(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "train", *TINY, "--corpus", "no_such_corpus")
+    line = assert_one_line_error(code, err, "no_such_corpus")
+    for name in ("timemachine", "war_of_the_worlds", "tinyshakespeare"):
+        assert name in line
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--batch-size", "0"),
+    ("--num-hiddens", "-3"),
+    ("--lr", "0"),
+    ("--clip", "-1"),
+    ("--val-fraction", "1.5"),
+])
+def test_train_bad_sizes(capsys, flag, value):
+    code, out, err = run(capsys, "train", *tiny(**{flag[2:].replace("-", "_"): value}))
+    assert_one_line_error(code, err, flag)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--batch-size", "abc"],
+    ["train", "--backend", "jax"],
+    ["train", "--no-such-flag"],
+    ["generate"],                                  # --checkpoint is required
+    ["eval", "--split", "test", "--checkpoint", "x"],
+    ["frobnicate"],
+    [],
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "error:" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_missing_checkpoint(capsys, tmp_path, command):
+    code, out, err = run(capsys, command, "--checkpoint", tmp_path / "nowhere", "--backend", "numpy")
+    assert_one_line_error(code, err, "no checkpoint")
+
+
+def _corrupt_meta(run_dir: Path) -> None:
+    (run_dir / "checkpoint.json").write_bytes(b"\x8f\xff\x00\x13garbage{{")
+
+
+def _not_json(run_dir: Path) -> None:
+    (run_dir / "checkpoint.json").write_text('{"format": "rnnlab-checkpoint", ')
+
+
+def _truncate_weights(run_dir: Path) -> None:
+    w = weights_files(run_dir)[0]
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
+
+def _flip_weights(run_dir: Path) -> None:
+    w = weights_files(run_dir)[0]
+    data = bytearray(w.read_bytes())
+    for i in (len(data) // 3, len(data) - 5):
+        data[i] ^= 0xFF
+    w.write_bytes(bytes(data))
+
+
+def _delete_weights(run_dir: Path) -> None:
+    weights_files(run_dir)[0].unlink()
+
+
+DAMAGE = {
+    "garbage_meta": (_corrupt_meta, "unreadable JSON"),
+    "truncated_meta": (_not_json, "unreadable JSON"),
+    "truncated_weights": (_truncate_weights, "SHA-256 does not match"),
+    "flipped_weights": (_flip_weights, "SHA-256 does not match"),
+    "missing_weights": (_delete_weights, "is missing"),
+}
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint(capsys, run_copy, command, damage):
+    corrupt, fragment = DAMAGE[damage]
+    corrupt(run_copy)
+    code, out, err = run(capsys, command, "--checkpoint", run_copy, "--backend", "numpy")
+    assert_one_line_error(code, err, "corrupt checkpoint", fragment)
+    assert out == ""

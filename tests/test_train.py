@@ -1,0 +1,116 @@
+"""Training runs: exact resume, honest held-out split, stream scoring, run-directory contents."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from helpers import random_params
+from rnnlab import cells, evaluate, train
+from rnnlab.backends.numpy_backend import NumpyBackend
+from rnnlab.config import DataConfig, ModelConfig, TrainConfig
+from rnnlab.errors import RnnlabError
+
+SMALL = dict(data=DataConfig(max_tokens=800), model=ModelConfig(num_hiddens=16),
+             train=TrainConfig(batch_size=4, num_steps=5, num_epochs=6, log_every=2, backend="numpy",
+                               prefixes=("time",), num_preds=5))
+
+
+def run_with(backend="numpy", sampling="sequential", **train_overrides):
+    t = dataclasses.replace(SMALL["train"], backend=backend, sampling=sampling, **train_overrides)
+    return train.new_run(SMALL["data"], SMALL["model"], t)
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_resume_is_bit_identical(tmp_path, backend, sampling):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    straight = run_with(backend, sampling)
+    train.fit(straight, tmp_path / "straight", progress=False, log=lambda s: None)
+
+    half = run_with(backend, sampling, num_epochs=3)
+    train.fit(half, tmp_path / "resumed", progress=False, log=lambda s: None)
+    resumed = train.resume_run(tmp_path / "resumed", {"num_epochs": 6})
+    assert resumed.epoch == 3
+    records = train.fit(resumed, tmp_path / "resumed", progress=False, log=lambda s: None)
+
+    a, b = straight.backend.numpy_params(), resumed.backend.numpy_params()
+    for name in cells.PARAM_NAMES:
+        assert np.array_equal(a[name], b[name]), name          # bit-identical, not just close
+    assert [r["epoch"] for r in records] == [2, 3, 4, 6]       # the resumed run logs 3 (end of part one)
+    straight_metrics = train.read_metrics(tmp_path / "straight")
+    assert straight_metrics[-1]["val_ppl"] == records[-1]["val_ppl"]
+
+
+def test_held_out_split_is_independent_of_max_tokens():
+    full = train.load_dataset(DataConfig(max_tokens=-1))
+    book = train.load_dataset(DataConfig(max_tokens=10_000))
+    assert len(book.train) == 10_000 and len(full.train) + len(full.val) == 170_580
+    assert len(full.val) == 17_058
+    np.testing.assert_array_equal(book.val, full.val)          # the held-out text never moves
+    np.testing.assert_array_equal(book.train, full.train[:10_000])
+
+
+def test_split_rejects_too_small_held_out():
+    with pytest.raises(RnnlabError, match="held-out"):
+        evaluate.split(np.arange(10), 0.1)
+
+
+def test_stream_score_is_token_weighted_and_chunk_independent():
+    backend = NumpyBackend(random_params(5, 8, scale=0.4))
+    tokens = np.random.default_rng(0).integers(0, 5, 101)
+    # reference: the whole stream in one forward pass from a zero state
+    logits, _ = backend.forward(tokens[None, :-1], backend.begin_state(1))
+    nll, _ = cells.cross_entropy(logits, tokens[1:])
+    for chunk in (1, 7, 33, 500):   # uneven last chunks: a mean of per-chunk means would differ
+        r = evaluate.score_stream(backend, tokens, chunk)
+        assert r["tokens"] == 100
+        assert r["nats_per_token"] == pytest.approx(nll.mean(), rel=1e-12)
+        assert r["perplexity"] == pytest.approx(np.exp(nll.mean()), rel=1e-12)
+        assert r["bits_per_token"] == pytest.approx(nll.mean() / np.log(2), rel=1e-12)
+
+
+def test_run_directory_contents_and_metrics(tmp_path):
+    run = run_with(num_epochs=4)
+    lines = []
+    train.fit(run, tmp_path, progress=False, log=lines.append)
+    assert len(lines) == 2 and "train ppl" in lines[0] and "val ppl" in lines[0] and "'time" in lines[0]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [2, 4]
+    for r in records:
+        assert {"epoch", "train_ppl", "val_ppl", "val_bpc", "tokens_per_s", "elapsed_s"} <= set(r)
+        assert r["val_bpc"] == pytest.approx(np.log2(r["val_ppl"]))
+        assert r["tokens_per_s"] > 0 and 0 <= r["clip_frac"] <= 1
+    assert records[1]["elapsed_s"] >= records[0]["elapsed_s"]
+    assert (tmp_path / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["epoch"] == 4 and meta["config"]["model"]["num_hiddens"] == 16
+    assert meta["vocab"][0] == "<unk>" and len(meta["vocab"]) == 28
+
+
+def test_training_lowers_perplexity_and_clipping_limits_the_norm():
+    run = run_with(num_epochs=1)
+    first = train.train_epoch(run.backend, run.dataset.train, run.train_cfg, run.rng)
+    for _ in range(4):
+        last = train.train_epoch(run.backend, run.dataset.train, run.train_cfg, run.rng)
+    assert last.ppl < first.ppl < 28.5                          # starts near uniform over 28 symbols
+    assert first.tokens > 0 and first.tokens % (4 * 5) == 0    # whole (B, T) minibatches only
+
+
+def test_too_short_corpus_says_how_many_tokens(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("just a few words here")
+    with pytest.raises(RnnlabError, match="needs at least 1156"):
+        train.new_run(DataConfig(corpus=str(path), val_fraction=0.1), ModelConfig(), TrainConfig())
+
+
+def test_prepare_out_refuses_to_clobber(tmp_path):
+    run = run_with(num_epochs=2)
+    train.fit(run, tmp_path, progress=False, log=lambda s: None)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RnnlabError, match="already holds a run"):
+        train.prepare_out(tmp_path, overwrite=False)
+    assert before == {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    train.prepare_out(tmp_path, overwrite=True)
+    assert not list(tmp_path.iterdir())
