@@ -53,8 +53,8 @@ class TorchBackend:
         else:
             XW = cells.input_projection(p["W_xh"], X)                           # (T, B, H)
         Hs = []
-        for t in range(X.shape[1]):
-            H = cells.rnn_step(XW[t], H, p["W_hh"], p["b_h"], self.phi)
+        for XW_t in XW.unbind(0):   # unbind, not XW[t]: indexing's backward zero-fills all of XW per step
+            H = cells.rnn_step(XW_t, H, p["W_hh"], p["b_h"], self.phi)
             Hs.append(H)
         return cells.output_layer(torch.stack(Hs), p["W_hq"], p["b_q"]), H
 
