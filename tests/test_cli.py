@@ -16,7 +16,7 @@ import pytest
 from rnnlab import cli
 from rnnlab.config import DataConfig, GenerateConfig, ModelConfig, TrainConfig
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import DATA  # noqa: E402  (the corpora folder: $RNNLAB_DATA or ../shared/data)
 TINY = ["--num-hiddens", "16", "--batch-size", "4", "--num-steps", "5", "--max-tokens", "400",
         "--num-epochs", "2", "--log-every", "1", "--backend", "numpy", "--quiet"]
 RECORD_KEYS = {"epoch", "train_ppl", "val_ppl", "val_bpc", "tokens_per_s", "elapsed_s"}
@@ -533,3 +533,23 @@ def test_damaged_checkpoint(capsys, run_copy, command, damage):
     code, out, err = run(capsys, command, "--checkpoint", run_copy, "--backend", "numpy")
     assert_one_line_error(code, err, "corrupt checkpoint", fragment)
     assert out == ""
+
+
+def test_ctrl_c_mid_run_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
+    from rnnlab import train as training
+    real_epoch, calls = training.train_epoch, []
+
+    def interrupted_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", interrupted_on_third)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", *tiny(num_epochs=5), "--out", out)
+    assert code == 130 and "interrupted at epoch 2" in err and "Traceback" not in err
+    monkeypatch.setattr(training, "train_epoch", real_epoch)
+    code, _, err = run(capsys, "train", *tiny(num_epochs=3), "--out", out, "--resume")
+    assert code == 0, err
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]

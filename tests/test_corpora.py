@@ -11,7 +11,7 @@ from rnnlab import corpora
 from rnnlab.corpora import CORPORA
 from rnnlab.errors import RnnlabError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import DATA  # noqa: E402  (the corpora folder: $RNNLAB_DATA or ../shared/data)
 NAME = "timemachine"
 FILENAME = CORPORA[NAME].filename
 

@@ -47,7 +47,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             kind = args[0] if args else hint
             kwargs["type"] = kind
-            kwargs["metavar"] = {int: "N", float: "X"}.get(kind, "TEXT")
+            kwargs["metavar"] = f.metadata.get("metavar") or {int: "N", float: "X"}.get(kind, "TEXT")
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar")

@@ -12,9 +12,11 @@ from typing import Any
 from .errors import RnnlabError
 
 
-def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = None):
-    """A dataclass field with the metadata the CLI needs (help text, choices, a flag name if not the field's)."""
-    meta = {"help": help, "choices": choices, "flag": flag}
+def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = None,
+           metavar: str | None = None):
+    """A dataclass field with the metadata the CLI needs: help text, choices, and where they differ from
+    the defaults, a flag name (the field's name stays an alias) and a metavar."""
+    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults: configs are frozen")
     return dataclasses.field(default=default, metadata=meta)
@@ -24,8 +26,10 @@ def option(default: Any, help: str, choices: tuple | None = None, flag: str | No
 class DataConfig:
     """Which text, how it becomes tokens, and how it is split."""
 
-    corpus: str = option("timemachine", "corpus name (see `rnnlab corpora`) or path to a UTF-8 text file")
-    data_dir: str | None = option(None, "directory searched first for named corpora (then $RNNLAB_DATA, the cache)")
+    corpus: str = option("timemachine", "corpus name (see `rnnlab corpora`) or path to a UTF-8 text file",
+                         metavar="NAME|PATH")
+    data_dir: str | None = option(None, "directory searched first for named corpora (then $RNNLAB_DATA, "
+                                        "the cache)", metavar="DIR")
     preprocess: str = option("d2l", "d2l: the book's per-line [^A-Za-z]+ -> space, strip, lower; "
                                     "letters: the same over the whole text; raw: every character kept",
                              choices=("d2l", "letters", "raw"))
@@ -57,7 +61,7 @@ class TrainConfig:
                            choices=("sequential", "random"))
     seed: int = option(0, "seed for the initial weights and the data order")
     backend: str = option("auto", "auto: torch when installed, else numpy", choices=("auto", "numpy", "torch"))
-    device: str = option("cpu", "torch device: cpu, cuda, cuda:N")
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "float64"))
     log_every: int = option(10, "evaluate, log, sample and checkpoint every N epochs")
     prefixes: tuple[str, ...] = option(("time traveller", "traveller"), "prefixes sampled greedily at each log")
