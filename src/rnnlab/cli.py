@@ -128,7 +128,11 @@ def cmd_train(ns) -> int:
         if "data_dir" in data:
             overrides["data_dir"] = data["data_dir"]
         run = training.resume_run(ns.out, overrides)
-        print(f"resuming {ns.out} at epoch {run.epoch} of {run.train_cfg.num_epochs}", file=sys.stderr)
+        if run.epoch >= run.train_cfg.num_epochs:
+            print(f"{ns.out} is already at epoch {run.epoch}; nothing to train (raise --num-epochs)",
+                  file=sys.stderr)
+        else:
+            print(f"resuming {ns.out} at epoch {run.epoch} of {run.train_cfg.num_epochs}", file=sys.stderr)
     else:
         run = training.new_run(DataConfig(**data), ModelConfig(**model), TrainConfig(**train_cfg))
         if ns.out:
