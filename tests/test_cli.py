@@ -217,16 +217,12 @@ def test_train_writes_run_directory(trained):
 
 
 def test_train_json_output_parses(trained):
-    final = json.loads(trained.stdout.strip().splitlines()[-1])
+    final = json.loads(trained.stdout)          # stdout is exactly one JSON document
     assert final["out"] == str(trained.out)
     assert final["epoch"] == 2
     assert RECORD_KEYS <= set(final)
     last = read_metrics(trained.out)[-1]
     assert final["val_ppl"] == last["val_ppl"] and final["train_ppl"] == last["train_ppl"]
-
-
-def test_train_json_stdout_is_only_json(trained):
-    json.loads(trained.stdout)
 
 
 def test_train_without_out_prints_summary(capsys):
@@ -356,6 +352,8 @@ def test_generate_empty_prefix_is_refused(capsys, trained):
     (["--num-samples", "0"], "--num-samples"),
     (["--num-chars", "-1"], "--num-chars"),
     (["--temperature", "-1"], "temperature"),
+    (["--temperature", "nan"], "temperature"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_generate_bad_values(capsys, trained, argv, fragment):
     code, out, err = run(capsys, "generate", "--checkpoint", trained.out, "--backend", "numpy", *argv)
@@ -460,6 +458,8 @@ def test_train_unknown_corpus_name(capsys, tmp_path, monkeypatch):
     ("--lr", "0"),
     ("--clip", "-1"),
     ("--val-fraction", "1.5"),
+    ("--clip", "nan"),
+    ("--seed", "-1"),
 ])
 def test_train_bad_sizes(capsys, flag, value):
     code, out, err = run(capsys, "train", *tiny(**{flag[2:].replace("-", "_"): value}))
@@ -553,3 +553,23 @@ def test_ctrl_c_mid_run_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch)
     code, _, err = run(capsys, "train", *tiny(num_epochs=3), "--out", out, "--resume")
     assert code == 0, err
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_eval_train_split_is_what_the_model_trained_on(capsys, trained):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--split", "train", "--backend", "numpy")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == 400 - 1          # --max-tokens 400, the first token has no context
+
+
+def test_resume_with_overwrite_is_refused(capsys, run_copy):
+    before = snapshot(run_copy)
+    code, out, err = run(capsys, "train", *tiny(num_epochs=3), "--out", run_copy, "--resume", "--overwrite")
+    assert_one_line_error(code, err, "--resume")
+    assert snapshot(run_copy) == before
+
+
+def test_unwritable_out_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, out, err = run(capsys, "train", *TINY, "--out", blocker / "sub")
+    assert_one_line_error(code, err)

@@ -97,7 +97,7 @@ def test_file_with_wrong_hash_is_skipped(dirs):
     bad_copy(dirs["data_dir"])
     in_env = good_copy(dirs["env"])
     assert corpora.find(NAME, dirs["data_dir"]) == in_env
-    text, path = corpora.load(NAME, dirs["data_dir"])
+    text, path, _ = corpora.load(NAME, dirs["data_dir"])
     assert path == in_env
     assert text == (DATA / FILENAME).read_text(encoding="utf-8")
 
@@ -187,7 +187,7 @@ def test_plain_file_path_is_used_as_is(tmp_path):
     p = tmp_path / "mine.txt"
     p.write_text("hello world\n", encoding="utf-8")
     assert corpora.locate(str(p)) == p
-    assert corpora.load(str(p)) == ("hello world\n", p)
+    assert corpora.load(str(p))[:2] == ("hello world\n", p)
 
 
 # --- read_text -------------------------------------------------------------------------------------

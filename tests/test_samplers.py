@@ -37,6 +37,8 @@ def test_random_disjoint_and_shifted(args):
     corpus = _corpus(B, T, extra)
     batches = list(samplers.seq_data_iter_random(corpus, B, T, np.random.default_rng(seed)))
     assert batches
+    offset = int(batches[0][0].min()) % T if T > 1 else 0
+    assert len(batches) == ((len(corpus) - offset - 1) // T) // B     # every whole minibatch, no more
     starts = []
     for X, Y in batches:
         assert X.shape == (B, T)

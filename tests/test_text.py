@@ -35,7 +35,7 @@ def test_vocab_book_semantics():
     vocab = text.Vocab(tokens, reserved_tokens=["<pad>"])
     assert vocab.idx_to_token == ["<unk>", "<pad>", "a", "b", "c", "d"]
     assert vocab["b"] == 3 and vocab["zz"] == vocab.unk == 0
-    assert vocab[["a", ["x"]][0]] == 2 and vocab[["a", "d", "?"]] == [2, 5, 0]
+    assert vocab[["a", "d", "?"]] == [2, 5, 0]
     assert vocab.to_tokens([2, 5]) == ["a", "d"] and vocab.to_tokens(4) == "c"
     assert vocab.token_freqs[0] == ("a", 2)
     rare = text.Vocab(list("aaab"), min_freq=2)
@@ -72,6 +72,12 @@ def test_word_tokens_and_empty_corpus():
     assert collections.Counter(corpus.tolist())[vocab["the"]] == 2
     with pytest.raises(RnnlabError, match="no tokens"):
         text.load_corpus("1234 !!", "d2l", "word")
+
+
+def test_tokenize_lines_like_the_book():
+    assert text.tokenize(["ab c", "d"], "char") == [["a", "b", " ", "c"], ["d"]]
+    assert text.tokenize(["ab c", "d"], "word") == [["ab", "c"], ["d"]]
+    assert text.Vocab(text.tokenize(["ab", "b"], "char")).idx_to_token == ["<unk>", "b", "a"]
 
 
 def test_normalize_prefix_keeps_trailing_space():

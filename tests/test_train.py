@@ -31,7 +31,7 @@ def test_resume_is_bit_identical(tmp_path, backend, sampling):
 
     half = run_with(backend, sampling, num_epochs=3)
     train.fit(half, tmp_path / "resumed", progress=False, log=lambda s: None)
-    resumed = train.resume_run(tmp_path / "resumed", {"num_epochs": 6})
+    resumed = train.resume_run(tmp_path / "resumed", train={"num_epochs": 6})
     assert resumed.epoch == 3
     records = train.fit(resumed, tmp_path / "resumed", progress=False, log=lambda s: None)
 
@@ -89,7 +89,7 @@ def test_run_directory_contents_and_metrics(tmp_path):
     assert meta["vocab"][0] == "<unk>" and len(meta["vocab"]) == 28
 
 
-def test_training_lowers_perplexity_and_clipping_limits_the_norm():
+def test_training_lowers_perplexity():
     run = run_with(num_epochs=1)
     first = train.train_epoch(run.backend, run.dataset.train, run.train_cfg, run.rng)
     for _ in range(4):
@@ -114,3 +114,76 @@ def test_prepare_out_refuses_to_clobber(tmp_path):
     assert before == {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     train.prepare_out(tmp_path, overwrite=True)
     assert not list(tmp_path.iterdir())
+
+
+class RecordingBackend:
+    """A fake backend that records the state each minibatch starts from and returns a new, known one."""
+
+    def __init__(self):
+        self.params = {"w": np.zeros(1)}
+        self.received, self.returned = [], []
+
+    def begin_state(self, batch_size):
+        return np.zeros((batch_size, 2))
+
+    def loss_and_grads(self, X, Y, state):
+        self.received.append(state.copy())
+        new = np.full((X.shape[0], 2), float(len(self.received)))
+        self.returned.append(new)
+        return 1.0, {"w": np.ones(1)}, new
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+def test_state_handling_follows_the_book(sampling):
+    backend = RecordingBackend()
+    cfg = TrainConfig(batch_size=3, num_steps=4, sampling=sampling, theta=0.5, lr=0.1)
+    stats = train.train_epoch(backend, np.arange(200) % 7, cfg, np.random.default_rng(0))
+    assert stats.steps == len(backend.received) > 2
+    assert not backend.received[0].any()                       # every epoch starts from zeros
+    for k in range(1, stats.steps):
+        if sampling == "random":
+            assert not backend.received[k].any()               # fresh state for every minibatch
+        else:
+            np.testing.assert_array_equal(backend.received[k], backend.returned[k - 1])   # carried
+    # every step clipped the unit gradient to norm 0.5 and took an SGD step of lr * 0.5
+    assert stats.clipped == stats.steps
+    assert backend.params["w"][0] == pytest.approx(-0.1 * 0.5 * stats.steps)
+
+
+def test_resume_refuses_changed_settings_and_keeps_token_freqs(tmp_path):
+    run = run_with(num_epochs=2)
+    train.fit(run, tmp_path, progress=False, log=lambda s: None)
+    with pytest.raises(RnnlabError, match="--lr differs"):
+        train.resume_run(tmp_path, train={"lr": 0.5})
+    with pytest.raises(RnnlabError, match="--num-hiddens differs"):
+        train.resume_run(tmp_path, model={"num_hiddens": 8})
+    resumed = train.resume_run(tmp_path, train={"num_epochs": 4, "lr": 1.0})   # same value: fine
+    assert resumed.dataset.vocab.token_freqs == run.dataset.vocab.token_freqs
+    train.fit(resumed, tmp_path, progress=False, log=lambda s: None)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["vocab_token_freqs"][0][0] == " "
+
+
+def test_fit_never_clobbers_a_saved_run(tmp_path):
+    train.fit(run_with(num_epochs=2), tmp_path, progress=False, log=lambda s: None)
+    with pytest.raises(RnnlabError, match="already holds a run"):
+        train.fit(run_with(num_epochs=2), tmp_path, progress=False, log=lambda s: None)
+
+
+def test_crash_between_metrics_and_checkpoint_loses_no_record(tmp_path, monkeypatch):
+    from rnnlab import checkpoint
+    run = run_with(num_epochs=4)
+    real_save = checkpoint.save
+
+    def dies_at_epoch_4(directory, ckpt):
+        if ckpt.epoch == 4:
+            raise KeyboardInterrupt
+        return real_save(directory, ckpt)
+
+    monkeypatch.setattr(checkpoint, "save", dies_at_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(run, tmp_path, progress=False, log=lambda s: None)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    resumed = train.resume_run(tmp_path)
+    assert resumed.epoch == 2 and [r["epoch"] for r in resumed.records] == [2]
+    train.fit(resumed, tmp_path, progress=False, log=lambda s: None)
+    assert [r["epoch"] for r in train.read_metrics(tmp_path)] == [2, 4]

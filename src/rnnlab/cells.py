@@ -17,7 +17,12 @@ from __future__ import annotations
 import numpy as np
 
 PARAM_NAMES = ("W_xh", "W_hh", "b_h", "W_hq", "b_q")
-ACTIVATIONS = ("tanh", "relu")
+
+
+def param_shapes(vocab_size: int, num_hiddens: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter, by name."""
+    V, H = vocab_size, num_hiddens
+    return {"W_xh": (V, H), "W_hh": (H, H), "b_h": (H,), "W_hq": (H, V), "b_q": (V,)}
 
 
 def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator,
@@ -29,11 +34,10 @@ def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator,
     def normal(shape):
         return (rng.standard_normal(shape) * 0.01).astype(dtype)
 
-    V, H = vocab_size, num_hiddens
-    W_xh, W_hh = normal((V, H)), normal((H, H))
-    b_h = np.zeros(H, dtype=dtype)
-    W_hq, b_q = normal((H, V)), np.zeros(V, dtype=dtype)
-    return {"W_xh": W_xh, "W_hh": W_hh, "b_h": b_h, "W_hq": W_hq, "b_q": b_q}
+    shapes = param_shapes(vocab_size, num_hiddens)
+    # weights drawn in the book's order (W_xh, W_hh, W_hq); biases start at zero
+    return {name: normal(shape) if name.startswith("W") else np.zeros(shape, dtype=dtype)
+            for name, shape in shapes.items()}
 
 
 def one_hot(X: np.ndarray, vocab_size: int, dtype=np.float32) -> np.ndarray:
@@ -57,14 +61,6 @@ def output_layer(Hs, W_hq, b_q):
 
 
 # ---- numpy only below: the loss and the hand-written backward pass of the reference backend ----
-
-def tanh(x):
-    return np.tanh(x)
-
-
-def relu(x):
-    return np.maximum(x, 0)
-
 
 def activation_grad(name: str, H_t: np.ndarray) -> np.ndarray:
     """d phi / d a expressed through the output H_t = phi(a): tanh' = 1 - H^2, relu' = [H > 0]."""

@@ -105,6 +105,26 @@ def load(directory) -> Checkpoint:
         raise _corrupt(meta_path, f"missing or bad field {e}") from None
 
 
+def read_configs(ckpt: Checkpoint, where="checkpoint"):
+    """(DataConfig, ModelConfig, TrainConfig, Vocab) of a checkpoint, checked against its weights."""
+    from . import cells
+    from .config import DataConfig, ModelConfig, TrainConfig, from_dict
+    from .text import Vocab
+
+    try:
+        data_cfg = from_dict(DataConfig, ckpt.config["data"])
+        model_cfg = from_dict(ModelConfig, ckpt.config["model"])
+        train_cfg = from_dict(TrainConfig, ckpt.config["train"])
+        vocab = Vocab.from_tokens_list(ckpt.vocab, ckpt.extra.get("vocab_token_freqs", ()))
+    except (KeyError, TypeError, ValueError, RnnlabError) as e:
+        raise _corrupt(where, f"bad config or vocabulary ({e})") from None
+    expected = cells.param_shapes(len(vocab), model_cfg.num_hiddens)
+    shapes = {k: tuple(v.shape) for k, v in ckpt.params.items()}
+    if shapes != expected:
+        raise _corrupt(where, f"weights {shapes} do not match the config {expected}")
+    return data_cfg, model_cfg, train_cfg, vocab
+
+
 @dataclass
 class LoadedModel:
     """A checkpoint made ready to use: a backend holding its weights, the vocabulary, and its configs."""
@@ -118,21 +138,8 @@ class LoadedModel:
 def load_model(directory, backend: str = "auto", device: str = "cpu") -> LoadedModel:
     """Load a checkpoint onto any backend (trained with torch, decoded with numpy, or the other way)."""
     from .backends import make_backend
-    from .config import DataConfig, ModelConfig, from_dict
-    from .text import Vocab
 
     ckpt = load(directory)
-    try:
-        data_cfg = from_dict(DataConfig, ckpt.config["data"])
-        model_cfg = from_dict(ModelConfig, ckpt.config["model"])
-    except (KeyError, TypeError) as e:
-        raise _corrupt(directory, f"bad config ({e})") from None
-    vocab = Vocab.from_tokens_list(ckpt.vocab)
-    expected = {"W_xh": (len(vocab), model_cfg.num_hiddens), "W_hh": (model_cfg.num_hiddens,) * 2,
-                "b_h": (model_cfg.num_hiddens,), "W_hq": (model_cfg.num_hiddens, len(vocab)),
-                "b_q": (len(vocab),)}
-    shapes = {k: tuple(v.shape) for k, v in ckpt.params.items()}
-    if shapes != expected:
-        raise _corrupt(directory, f"weights {shapes} do not match the config {expected}")
+    data_cfg, model_cfg, _, vocab = read_configs(ckpt, directory)
     return LoadedModel(make_backend(backend, ckpt.params, model_cfg.activation, device), vocab, data_cfg,
                        model_cfg, ckpt)

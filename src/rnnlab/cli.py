@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .config import RUN_DEFINING, DataConfig, GenerateConfig, ModelConfig, TrainConfig
+from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig
 from .errors import RnnlabError
 
 
@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (defaults: the book's run on The Time Machine)")
     train.add_argument("--out", metavar="DIR", help="run directory: metrics.jsonl, checkpoint, plot "
                        "(default: none, nothing is saved)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out up to --num-epochs")
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    train.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out up to --num-epochs (default: off)")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: off)")
+    train.add_argument("--json", action="store_true", help="print the final metrics as JSON (default: off)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     for cls in (DataConfig, ModelConfig, TrainConfig):
         add_config_args(train, cls)
 
@@ -112,22 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(ns) -> int:
-    from . import checkpoint
     from . import train as training
     data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
     if ns.resume:
-        if not ns.out:
-            raise RnnlabError("--resume needs --out DIR, the run to continue")
-        ckpt_cfg = checkpoint.load(ns.out).config
-        for section, values in (("data", data), ("model", model), ("train", train_cfg)):
-            for name in RUN_DEFINING[section]:
-                if name in values and ckpt_cfg.get(section, {}).get(name) != _jsonable(values[name]):
-                    raise RnnlabError(f"--{name.replace('_', '-')} differs from the checkpoint in {ns.out}; "
-                                      "a resumed run keeps its settings (start a new --out to change them)")
-        overrides = {k: v for k, v in train_cfg.items() if k not in RUN_DEFINING["train"]}
-        if "data_dir" in data:
-            overrides["data_dir"] = data["data_dir"]
-        run = training.resume_run(ns.out, overrides)
+        if not ns.out or ns.overwrite:
+            raise RnnlabError("--resume needs --out DIR, the run to continue (and no --overwrite)")
+        run = training.resume_run(ns.out, data, model, train_cfg)
         if run.epoch >= run.train_cfg.num_epochs:
             print(f"{ns.out} is already at epoch {run.epoch}; nothing to train (raise --num-epochs)",
                   file=sys.stderr)
@@ -152,16 +143,13 @@ def cmd_train(ns) -> int:
     if ns.json:
         print(json.dumps({"out": ns.out, **final}))
     elif final:
-        print(f"perplexity {final['train_ppl']:.3f} (train), {final['val_ppl']:.2f} (held-out, "
-              f"{final['val_bits_per_token']:.3f} bits/token), {final['tokens_per_s']:,.0f} tokens/s "
-              f"on {run.backend.name}")
+        num = training.num
+        print(f"perplexity {num(final['train_ppl'], '.3f')} (train), {num(final['val_ppl'], '.2f')} (held-out, "
+              f"{num(final['val_bits_per_token'], '.3f')} bits/token), {final['tokens_per_s']:,.0f} "
+              f"training tokens/s on {run.backend.name}")
         for sample in final["samples"].values():
             print(sample)
     return 0
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 def cmd_generate(ns) -> int:
@@ -170,14 +158,15 @@ def cmd_generate(ns) -> int:
     from . import generate, text
     from .checkpoint import load_model
     g = GenerateConfig(**given(ns, GenerateConfig))
-    if ns.num_samples <= 0 or g.num_chars < 0:
-        raise RnnlabError("--num-samples must be positive and --num-chars >= 0")
+    g.validate()
+    if ns.num_samples <= 0:
+        raise RnnlabError(f"--num-samples must be positive, got {ns.num_samples}")
     m = load_model(ns.checkpoint, ns.backend, ns.device)
     tokens = text.tokenize(text.normalize_prefix(g.prefix, m.data_cfg.preprocess), m.data_cfg.token)
     if len(tokens) == 0:
         raise RnnlabError("the prefix is empty: give at least one character to warm up on")
     joiner = "" if m.data_cfg.token == "char" else " "
-    outs = generate.predict(m.backend, m.vocab, tokens, g.num_chars, g.temperature,
+    outs = generate.predict(m.backend, m.vocab, tokens, g.num_preds, g.temperature,
                             np.random.default_rng(g.seed), ns.num_samples, joiner)
     if ns.json:
         print(json.dumps({"prefix": g.prefix, "temperature": g.temperature, "seed": g.seed, "samples": outs}))
@@ -191,13 +180,16 @@ def cmd_eval(ns) -> int:
     from .checkpoint import load_model
     from .train import load_dataset
     m = load_model(ns.checkpoint, ns.backend, ns.device)
-    data_cfg = dataclasses.replace(m.data_cfg, max_tokens=-1, corpus=ns.corpus or m.data_cfg.corpus,
+    # "train" is what the model trained on (--max-tokens applies); "all" is the whole text
+    max_tokens = m.data_cfg.max_tokens if ns.split == "train" else -1
+    data_cfg = dataclasses.replace(m.data_cfg, max_tokens=max_tokens, corpus=ns.corpus or m.data_cfg.corpus,
                                    data_dir=ns.data_dir or m.data_cfg.data_dir)
     ds = load_dataset(data_cfg, m.vocab)
-    tokens = {"val": ds.val, "train": ds.train}.get(ns.split)
-    if tokens is None:
+    if ns.split == "all":
         import numpy as np
         tokens = np.concatenate([ds.train, ds.val])
+    else:
+        tokens = ds.val if ns.split == "val" else ds.train
     result = evaluate.score_stream(m.backend, tokens)
     unknown = int((tokens == m.vocab.unk).sum())
     bpc = result["bits_per_token"] if m.data_cfg.token == "char" else None
@@ -228,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[ns.command](ns)
     except RnnlabError as e:
         print(f"rnnlab {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:      # a file rnnlab could not write or read: the disk, permissions, a bad path
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"rnnlab {ns.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("rnnlab: interrupted", file=sys.stderr)

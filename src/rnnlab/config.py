@@ -6,6 +6,7 @@ these dataclasses, so a field added here appears as a flag with its default in `
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +74,17 @@ class GenerateConfig:
     """Decoding from a trained model."""
 
     prefix: str = option("time traveller", "text the state is warmed up on")
-    num_chars: int = option(50, "tokens to generate after the prefix")
+    num_preds: int = option(50, "tokens to generate after the prefix", flag="num_chars")
     temperature: float = option(0.0, "0: greedy argmax (the book); > 0: sample from softmax(logits / T)")
     seed: int = option(0, "seed for sampling")
+
+    def validate(self) -> None:
+        if not self.prefix:
+            raise RnnlabError("the prefix is empty: give at least one character to warm up on")
+        if self.num_preds < 0:
+            raise RnnlabError(f"--num-chars must be >= 0, got {self.num_preds}")
+        _non_negative("--temperature", self.temperature)
+        _non_negative("--seed", self.seed)
 
 
 # Fields that define what a run computes; on --resume they must match the checkpoint.
@@ -92,14 +101,18 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
                 "--num-steps": train.num_steps, "--num-epochs": train.num_epochs,
                 "--log-every": train.log_every, "--lr": train.lr}
     for flag, value in positive.items():
-        if not value > 0:
+        if not (value > 0 and math.isfinite(value)):
             raise RnnlabError(f"{flag} must be positive, got {value}")
-    if train.theta < 0:
-        raise RnnlabError(f"--clip must be >= 0 (0 turns clipping off), got {train.theta}")
-    if train.num_preds < 0:
-        raise RnnlabError(f"--num-preds must be >= 0, got {train.num_preds}")
+    _non_negative("--clip", train.theta)
+    _non_negative("--num-preds", train.num_preds)
+    _non_negative("--seed", train.seed)
     if not 0.0 < data.val_fraction < 1.0:
         raise RnnlabError(f"--val-fraction must be in (0, 1), got {data.val_fraction}")
+
+
+def _non_negative(flag: str, value) -> None:
+    if not (value >= 0 and math.isfinite(value)):      # also refuses nan
+        raise RnnlabError(f"{flag} must be a finite number >= 0, got {value}")
 
 
 def to_dict(cfg) -> dict:

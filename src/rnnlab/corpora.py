@@ -124,6 +124,11 @@ def locate(name_or_path: str, data_dir=None, allow_download: bool = True) -> Pat
 
 def read_text(path: Path) -> str:
     """Read a whole text file as UTF-8, refusing empty, binary and non-UTF-8 files with a clear message."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[str, str]:
+    """(text, sha256 of the bytes read)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -133,15 +138,16 @@ def read_text(path: Path) -> str:
     if b"\x00" in data[: 1 << 20]:
         raise RnnlabError(f"{path} looks binary (contains NUL bytes); rnnlab trains on UTF-8 text")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
     except UnicodeDecodeError as e:
         raise RnnlabError(f"{path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
-def load(name_or_path: str, data_dir=None) -> tuple[str, Path]:
-    """The text of a corpus and the file it came from."""
+def load(name_or_path: str, data_dir=None) -> tuple[str, Path, str]:
+    """The text of a corpus, the file it came from, and the SHA-256 of the bytes read."""
     path = locate(name_or_path, data_dir)
-    return read_text(path), path
+    text, digest = _read(path)
+    return text, path, digest
 
 
 def status(data_dir=None) -> list[dict]:

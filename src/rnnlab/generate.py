@@ -35,11 +35,11 @@ def generate(step, state, prefix_ids, num_preds: int, temperature: float = 0.0,
     """
     if len(prefix_ids) == 0:
         raise RnnlabError("the prefix is empty: give at least one character to warm up on")
-    if temperature < 0:
+    if not temperature >= 0:                          # also refuses nan
         raise RnnlabError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and rng is None:
         rng = np.random.default_rng()
-    B = len(state[0]) if isinstance(state, tuple) else len(state)
+    B = len(state)
     out = np.empty((B, len(prefix_ids) + num_preds), dtype=np.int64)
     out[:, : len(prefix_ids)] = prefix_ids
     # 1) warm up: run the state through every prefix token but the last, ignoring the outputs

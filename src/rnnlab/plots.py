@@ -9,9 +9,7 @@ from .fileio import atomic_write_bytes
 
 def plot_perplexity(records: list[dict], path, title: str = "") -> None:
     """Write a log-scale plot of `train_ppl` and `val_ppl` against `epoch` to `path` (atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure   # a bare Figure draws with Agg and leaves pyplot's backend alone
 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()

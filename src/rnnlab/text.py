@@ -45,8 +45,13 @@ def normalize_prefix(prefix: str, mode: str) -> str:
     return prefix
 
 
-def tokenize(text: str, token: str = "char") -> list[str] | str:
-    """Characters (the string itself, a sequence of chars) or whitespace-separated words."""
+def tokenize(text, token: str = "char"):
+    """Characters (the string itself, a sequence of chars) or whitespace-separated words.
+
+    Given a list of lines, as the book's `tokenize(lines, token)`, returns one token list per line.
+    """
+    if isinstance(text, list):
+        return [list(tokenize(line, token)) for line in text]
     if token == "char":
         return text
     if token == "word":
@@ -151,10 +156,11 @@ def decode(indices, vocab: Vocab, token: str = "char") -> str:
     return ("" if token == "char" else " ").join(vocab.to_tokens(list(np.asarray(indices).reshape(-1))))
 
 
-def load_corpus(text: str, preprocess_mode: str = "d2l", token: str = "char", min_freq: int = 0):
-    """(corpus, vocab): the whole text encoded, vocabulary built over the whole text (as the book does)."""
+def load_corpus(text: str, preprocess_mode: str = "d2l", token: str = "char", min_freq: int = 0,
+                vocab: Vocab | None = None):
+    """(corpus, vocab): the whole text encoded, with `vocab` or one built over the whole text (the book's)."""
     tokens = tokenize(preprocess(text, preprocess_mode, token), token)
     if len(tokens) == 0:
         raise RnnlabError(f"no tokens left after '{preprocess_mode}' preprocessing")
-    vocab = Vocab(tokens, min_freq=min_freq)
+    vocab = vocab or Vocab(tokens, min_freq=min_freq)
     return encode(tokens, vocab), vocab

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import cells, checkpoint, corpora, evaluate, generate, optim, samplers, text
 from .backends import make_backend
-from .config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict, validate_sizes
+from .config import RUN_DEFINING, DataConfig, ModelConfig, TrainConfig, to_dict, validate_sizes
 from .errors import RnnlabError
 from .fileio import atomic_write_text
 
@@ -44,13 +44,13 @@ class Dataset:
 
 def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None) -> Dataset:
     """Read, preprocess, encode (with `vocab`, or one built over the whole text as the book does) and split."""
-    raw, path = corpora.load(cfg.corpus, cfg.data_dir)
-    tokens = text.tokenize(text.preprocess(raw, cfg.preprocess, cfg.token), cfg.token)
-    if len(tokens) == 0:
-        raise RnnlabError(f"{path}: no tokens left after '{cfg.preprocess}' preprocessing")
-    vocab = vocab or text.Vocab(tokens)
-    train, val = evaluate.split(text.encode(tokens, vocab), cfg.val_fraction, cfg.max_tokens)
-    return Dataset(train, val, vocab, path, corpora.sha256_file(path))
+    raw, path, digest = corpora.load(cfg.corpus, cfg.data_dir)
+    try:
+        corpus, vocab = text.load_corpus(raw, cfg.preprocess, cfg.token, vocab=vocab)
+    except RnnlabError as e:
+        raise RnnlabError(f"{path}: {e}") from None
+    train, val = evaluate.split(corpus, cfg.val_fraction, cfg.max_tokens)
+    return Dataset(train, val, vocab, path, digest)
 
 
 @dataclass
@@ -92,25 +92,34 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     return Run(data_cfg, model_cfg, train_cfg, dataset, backend, data_rng)
 
 
-def resume_run(out, overrides: dict | None = None) -> Run:
-    """Rebuild a run from the checkpoint in `out`; `overrides` may change fields that do not alter what
-    the run computes (num_epochs, log_every, backend, device, prefixes, num_preds, data_dir)."""
+def resume_run(out, data: dict | None = None, model: dict | None = None, train: dict | None = None) -> Run:
+    """Rebuild a run from the checkpoint in `out`.
+
+    `data`, `model`, `train` hold settings given anew (e.g. {"num_epochs": 1000}). Those that do not alter
+    what the run computes (num_epochs, log_every, backend, device, prefixes, num_preds, data_dir) are
+    applied; one that would change the run (a size, the seed, the corpus, ...) is refused.
+    """
     ckpt = checkpoint.load(out)
-    cfg = ckpt.config
-    data_cfg, model_cfg = from_dict(DataConfig, cfg["data"]), from_dict(ModelConfig, cfg["model"])
-    train_cfg = from_dict(TrainConfig, cfg["train"])
-    overrides = overrides or {}
-    if "data_dir" in overrides:
-        data_cfg = dataclasses.replace(data_cfg, data_dir=overrides.pop("data_dir"))
-    train_cfg = dataclasses.replace(train_cfg, **overrides)
+    data_cfg, model_cfg, train_cfg, vocab = checkpoint.read_configs(ckpt, out)
+    changes = {"data": data or {}, "model": model or {}, "train": train or {}}
+    saved = {"data": data_cfg, "model": model_cfg, "train": train_cfg}
+    for section, given in changes.items():
+        for name in RUN_DEFINING[section]:
+            if name in given and given[name] != getattr(saved[section], name):
+                raise RnnlabError(f"--{name.replace('_', '-')} differs from the checkpoint in {out}; a "
+                                  "resumed run keeps its settings (start a new --out to change them)")
+    data_cfg = dataclasses.replace(data_cfg, **changes["data"])
+    train_cfg = dataclasses.replace(train_cfg, **changes["train"])
     validate_sizes(data_cfg, model_cfg, train_cfg)
-    vocab = text.Vocab.from_tokens_list(ckpt.vocab)
     dataset = load_dataset(data_cfg, vocab)
     if ckpt.extra.get("corpus_sha256") not in (None, dataset.sha256):
         raise RnnlabError(f"the corpus file {dataset.path} changed since the checkpoint was written; "
                           "resuming would train on different data")
     rng = np.random.default_rng()
-    rng.bit_generator.state = ckpt.rng_state
+    try:
+        rng.bit_generator.state = ckpt.rng_state
+    except (TypeError, ValueError, KeyError):
+        raise RnnlabError(f"corrupt checkpoint {out}: bad RNG state") from None
     backend = make_backend(train_cfg.backend, ckpt.params, model_cfg.activation, train_cfg.device)
     records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
     return Run(data_cfg, model_cfg, train_cfg, dataset, backend, rng, ckpt.epoch,
@@ -181,10 +190,13 @@ def make_record(run: Run, epoch: EpochStats, window: EpochStats, val: dict, samp
             "samples": sample_text}
 
 
+def num(x, fmt: str) -> str:
+    """A metric for display; None stands for a value that overflowed (an infinite perplexity)."""
+    return format(x, fmt) if x is not None else "inf"
+
+
 def format_record(r: dict) -> str:
     """The one log line per logged epoch."""
-    def num(x, fmt):
-        return format(x, fmt) if x is not None else "inf"
     line = (f"epoch {r['epoch']:>4}  train ppl {num(r['train_ppl'], '.3f')}  val ppl {num(r['val_ppl'], '.2f')}"
             f"  val {num(r['val_bits_per_token'], '.3f')} bits/tok  {r['tokens_per_s'] / 1e3:.1f}K tok/s")
     return line + "".join(f"  | {s!r}" for s in r["samples"].values())
@@ -194,17 +206,16 @@ def read_metrics(out) -> list[dict]:
     path = Path(out) / METRICS_FILE
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break   # a line from a crashed writer: everything before it is intact
-    return records
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RnnlabError(f"{path} is damaged ({e}); move it away to resume without the earlier metrics") \
+            from None
 
 
 def save_run(run: Run, out) -> None:
-    """Checkpoint, metrics and plot, each written atomically (checkpoint first: metrics never run ahead)."""
+    """Metrics, checkpoint and plot, each written atomically. Metrics go first: a crash between the two
+    leaves metrics one record ahead, which resuming drops, rather than a checkpoint whose record is lost."""
     from .plots import plot_perplexity
     out = Path(out)
     cfg = {"data": to_dict(run.data_cfg), "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg)}
@@ -213,10 +224,10 @@ def save_run(run: Run, out) -> None:
              "backend": run.backend.name, "elapsed_s": run.elapsed_s,
              "metrics": run.records[-1] if run.records else None,
              "vocab_token_freqs": [list(tf) for tf in run.dataset.vocab.token_freqs]}
+    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in run.records))
     checkpoint.save(out, checkpoint.Checkpoint(
         params=run.backend.numpy_params(), config=cfg, vocab=run.dataset.vocab.idx_to_token, epoch=run.epoch,
         rng_state=run.rng.bit_generator.state, extra=extra))
-    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in run.records))
     plot_perplexity(run.records, out / PLOT_FILE, title=f"{run.data_cfg.corpus}: {run.model_cfg.cell}, "
                                                         f"H={run.model_cfg.num_hiddens}")
 
@@ -232,7 +243,7 @@ def prepare_out(out, overwrite: bool) -> None:
                               "replace it, or choose another --out")
         for name in [checkpoint.META_FILE, METRICS_FILE, PLOT_FILE]:
             (out / name).unlink(missing_ok=True)
-        for old in out.glob("weights-e*.safetensors"):
+        for old in [*out.glob("weights-e*.safetensors"), *out.glob(".*.tmp")]:
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -246,6 +257,8 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
     log = log or tqdm.write
     cfg = run.train_cfg
     _check_trainable(run.dataset, cfg)
+    if out is not None and run.epoch == 0:
+        prepare_out(out, overwrite=False)       # a new run never clobbers one already saved there
     window = EpochStats()       # training since the last log: tokens/s and train ppl of the interval
     bar = tqdm(total=cfg.num_epochs, initial=run.epoch, unit="epoch", disable=not progress or None,
                leave=False, dynamic_ncols=True)

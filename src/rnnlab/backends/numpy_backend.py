@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import cells
 
-_PHI = {"tanh": cells.tanh, "relu": cells.relu}
+_PHI = {"tanh": np.tanh, "relu": lambda a: np.maximum(a, 0)}
 
 
 class NumpyBackend:
