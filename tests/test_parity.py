@@ -14,8 +14,11 @@ from rnnlab.train import train_epoch
 
 torch = pytest.importorskip("torch")
 from rnnlab.backends.torch_backend import TorchBackend  # noqa: E402
+from rnnlab.backends.torch_fused import TorchFusedBackend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# every torch training path: autograd over the shared forward, and the fused hand-written BPTT
+TORCH_PATHS = {"autograd": TorchBackend, "fused": TorchFusedBackend}
 TOL = {np.float64: 1e-10, np.float32: 1e-5}
 
 
@@ -23,13 +26,14 @@ def as_np(x):
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
+@pytest.mark.parametrize("path", TORCH_PATHS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_loss_grads_and_clipped_step_agree(device, dtype, activation):
+def test_loss_grads_and_clipped_step_agree(path, device, dtype, activation):
     V, H, B, T = 11, 16, 4, 6
     params = random_params(V, H, dtype, scale=0.3)
-    ref, fast = NumpyBackend(params, activation), TorchBackend(params, activation, device)
+    ref, fast = NumpyBackend(params, activation), TORCH_PATHS[path](params, activation, device)
     X, Y = random_batch(V, B, T)
     state_np = np.random.default_rng(5).standard_normal((B, H)).astype(dtype) * 0.3
     state_t = torch.tensor(state_np, device=device)
@@ -50,14 +54,15 @@ def test_loss_grads_and_clipped_step_agree(device, dtype, activation):
         assert rel_err(ref.params[name], as_np(fast.params[name])) < tol, name
 
 
+@pytest.mark.parametrize("path", TORCH_PATHS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_epochs_of_training_agree_float64(device):
+def test_epochs_of_training_agree_float64(path, device):
     V, H = 9, 12
     corpus = np.random.default_rng(0).integers(0, V, 700)
     params = cells.init_params(V, H, np.random.default_rng(1), np.float64)
     for sampling in ("sequential", "random"):
         cfg = TrainConfig(batch_size=4, num_steps=7, sampling=sampling, lr=1.0, theta=1.0)
-        ref, fast = NumpyBackend(params), TorchBackend(params, device=device)
+        ref, fast = NumpyBackend(params), TORCH_PATHS[path](params, device=device)
         for _ in range(3):
             a = train_epoch(ref, corpus, cfg, np.random.default_rng(7))
             b = train_epoch(fast, corpus, cfg, np.random.default_rng(7))
@@ -92,3 +97,20 @@ def test_torch_gather_equals_onehot(device):
     assert lg == pytest.approx(lo, rel=1e-13)
     for name in gg:
         assert rel_err(as_np(gg[name]), as_np(go[name])) < 1e-13
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_matmuls_stay_close_to_float32(device):
+    """bf16 operands (8-bit mantissa) with float32 master weights: close, not equal, to the float32 path."""
+    V, H, B, T = 28, 64, 8, 12
+    params = random_params(V, H, np.float32, scale=0.2)
+    exact = TorchFusedBackend(params, device=device)
+    low = TorchFusedBackend(params, device=device, matmul_dtype=torch.bfloat16)
+    X, Y = random_batch(V, B, T)
+    l1, g1, s1 = exact.loss_and_grads(X, Y, exact.begin_state(B))
+    l2, g2, s2 = low.loss_and_grads(X, Y, low.begin_state(B))
+    assert l1 == pytest.approx(l2, rel=2e-3)
+    assert rel_err(as_np(s1), as_np(s2)) < 3e-2
+    for name in cells.PARAM_NAMES:
+        assert rel_err(as_np(g1[name]), as_np(g2[name])) < 5e-2, name
+        assert low.params[name].dtype == torch.float32                # master weights stay float32
