@@ -573,3 +573,29 @@ def test_unwritable_out_is_one_line(capsys, tmp_path):
     blocker.write_text("x")
     code, out, err = run(capsys, "train", *TINY, "--out", blocker / "sub")
     assert_one_line_error(code, err)
+
+
+def test_bench_quick_reports_every_path_as_json(capsys):
+    pytest.importorskip("torch")
+    code, out, err = run(capsys, "bench", "--quick", "--repeats", "1", "--configs", "book", "word", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert {"cpu", "cores", "torch"} <= set(result["machine"])
+    for config in ("book", "word"):
+        paths = result["train"][config]["paths"]
+        assert {"book (baseline)", "torch autograd", "torch fused f32", "torch fused bf16"} <= set(paths)
+        assert paths["book (baseline)"]["ratio"] == 1.0
+        assert all(row["tokens_per_s"] > 0 for row in paths.values())
+    assert result["train"]["word"]["config"]["V"] == 4580
+    assert set(result["generate"]) == {"book predict_ch8 (greedy, batch 1)", "rnnlab greedy, batch 1",
+                                       "rnnlab sampled, 64 at once"}
+    assert all(row["peak_bytes_per_char"] > 0 for row in result["data"].values())
+
+
+def test_bf16_training_runs_and_numpy_refuses_it(capsys, tmp_path):
+    pytest.importorskip("torch")
+    code, out, err = run(capsys, "train", *tiny(backend="torch"), "--matmul-dtype", "bfloat16", "--json")
+    assert code == 0, err
+    assert json.loads(out)["val_ppl"] < 30
+    code, out, err = run(capsys, "train", *TINY, "--matmul-dtype", "bfloat16")
+    assert_one_line_error(code, err, "numpy")

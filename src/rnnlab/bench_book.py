@@ -66,7 +66,7 @@ def train_step(net: BookRNN, X: torch.Tensor, Y: torch.Tensor, state, lr=1.0, th
     loss.backward()
     grad_clipping(net, theta)
     sgd(net.params, lr, batch_size=1)
-    return float(loss), state
+    return float(loss.detach()), state
 
 
 def predict_ch8(prefix_ids: list[int], num_preds: int, net: BookRNN) -> list[int]:

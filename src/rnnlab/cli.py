@@ -106,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="val: the last --val-fraction of the corpus, as held out in training (default: val)")
     _add_backend_args(ev)
 
+    bench = sub.add_parser("bench", help="speed of every training, generation and data path, side by side "
+                           "with the book's implementation")
+    bench.add_argument("--configs", nargs="+", default=["book", "big", "word"], choices=["book", "big", "word"],
+                       help="book: B=32 H=512 chars; big: B=128 H=1024; word: word level, V=4,580 "
+                            "(default: all three)")
+    bench.add_argument("--sections", nargs="+", default=["train", "generate", "data"],
+                       choices=["train", "generate", "data"], help="what to measure (default: all)")
+    bench.add_argument("--repeats", type=int, default=5, metavar="N", help="timed repeats, median reported "
+                       "(default: 5)")
+    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed warm-up calls (default: 1)")
+    bench.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    bench.add_argument("--data-dir", help="directory searched first for The Time Machine")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes: checks that every path runs")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+
     corp = sub.add_parser("corpora", help="named corpora: where they were found and whether the hash is right")
     corp.add_argument("--data-dir", help="directory searched first")
     corp.add_argument("--json", action="store_true", help="print as JSON")
@@ -161,7 +176,9 @@ def cmd_generate(ns) -> int:
     g.validate()
     if ns.num_samples <= 0:
         raise RnnlabError(f"--num-samples must be positive, got {ns.num_samples}")
-    m = load_model(ns.checkpoint, ns.backend, ns.device)
+    # decoding one token at a time is latency-bound: on the CPU, numpy's small calls beat torch's
+    backend = "numpy" if ns.backend == "auto" and ns.device == "cpu" else ns.backend
+    m = load_model(ns.checkpoint, backend, ns.device)
     tokens = text.tokenize(text.normalize_prefix(g.prefix, m.data_cfg.preprocess), m.data_cfg.token)
     if len(tokens) == 0:
         raise RnnlabError("the prefix is empty: give at least one character to warm up on")
@@ -198,6 +215,16 @@ def cmd_eval(ns) -> int:
     return 0
 
 
+def cmd_bench(ns) -> int:
+    from . import bench
+    if ns.repeats <= 0 or ns.warmup < 0:
+        raise RnnlabError("--repeats must be positive and --warmup >= 0")
+    result = bench.run(tuple(ns.configs), ns.device, ns.repeats, ns.warmup, sections=tuple(ns.sections),
+                       data_dir=ns.data_dir, quick=ns.quick)
+    print(json.dumps(result, indent=1) if ns.json else bench.format_report(result))
+    return 0
+
+
 def cmd_corpora(ns) -> int:
     from . import corpora
     rows = corpora.status(ns.data_dir)
@@ -211,7 +238,8 @@ def cmd_corpora(ns) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "corpora": cmd_corpora}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "corpora": cmd_corpora,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,10 @@ class TrainConfig:
     backend: str = option("auto", "auto: torch when installed, else numpy", choices=("auto", "numpy", "torch"))
     device: str = option("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "float64"))
+    matmul_dtype: str = option("same", "torch: dtype of matmul operands; bfloat16 keeps float32 master "
+                                       "weights, states and sums", choices=("same", "bfloat16"))
+    torch_impl: str = option("fused", "torch: fused = hand-written BPTT (fastest exact path); autograd = "
+                                      "autograd over the reference forward", choices=("fused", "autograd"))
     log_every: int = option(10, "evaluate, log, sample and checkpoint every N epochs")
     prefixes: tuple[str, ...] = option(("time traveller", "traveller"), "prefixes sampled greedily at each log")
     num_preds: int = option(50, "characters generated per logged sample")

@@ -15,10 +15,9 @@ from .errors import RnnlabError
 
 def pick(logits: np.ndarray, temperature: float, rng: np.random.Generator | None) -> np.ndarray:
     """(B, V) logits -> (B,) next tokens: argmax, or a sample at the given temperature."""
-    logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
-        return logits.argmax(axis=1)
-    z = logits / temperature
+        return np.asarray(logits).argmax(axis=1)
+    z = np.asarray(logits, dtype=np.float64) / temperature
     p = np.exp(z - z.max(axis=1, keepdims=True))
     cdf = np.cumsum(p, axis=1)
     u = rng.random((len(cdf), 1)) * cdf[:, -1:]           # inverse-CDF sampling, one uniform per row

@@ -88,7 +88,8 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     _check_trainable(dataset, train_cfg)
     init_rng, data_rng = _generators(train_cfg.seed)
     params = cells.init_params(len(dataset.vocab), model_cfg.num_hiddens, init_rng, np.dtype(train_cfg.dtype))
-    backend = make_backend(train_cfg.backend, params, model_cfg.activation, train_cfg.device)
+    backend = make_backend(train_cfg.backend, params, model_cfg.activation, train_cfg.device,
+                           torch_impl=train_cfg.torch_impl, matmul_dtype=train_cfg.matmul_dtype)
     return Run(data_cfg, model_cfg, train_cfg, dataset, backend, data_rng)
 
 
@@ -120,7 +121,8 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
         rng.bit_generator.state = ckpt.rng_state
     except (TypeError, ValueError, KeyError):
         raise RnnlabError(f"corrupt checkpoint {out}: bad RNG state") from None
-    backend = make_backend(train_cfg.backend, ckpt.params, model_cfg.activation, train_cfg.device)
+    backend = make_backend(train_cfg.backend, ckpt.params, model_cfg.activation, train_cfg.device,
+                           torch_impl=train_cfg.torch_impl, matmul_dtype=train_cfg.matmul_dtype)
     records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
     return Run(data_cfg, model_cfg, train_cfg, dataset, backend, rng, ckpt.epoch,
                float(ckpt.extra.get("elapsed_s", 0.0)), records)

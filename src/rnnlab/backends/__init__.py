@@ -37,13 +37,25 @@ def resolve(name: str) -> str:
 
 
 def make_backend(name: str, params: dict, activation: str = "tanh", device: str = "cpu",
-                 onehot_input: bool = False):
-    """Build a backend holding `params` (numpy arrays, copied)."""
+                 onehot_input: bool = False, torch_impl: str = "fused", matmul_dtype: str = "same"):
+    """Build a backend holding `params` (numpy arrays, copied).
+
+    On torch, `torch_impl` picks the fused hand-written BPTT (the default, fastest exact path) or autograd;
+    `matmul_dtype="bfloat16"` gives the fused path bf16 matmul operands.
+    """
     name = resolve(name)
     if name == "numpy":
-        if device != "cpu":
-            raise RnnlabError(f"the numpy backend runs on the CPU only (got --device {device})")
+        if device != "cpu" or matmul_dtype != "same":
+            raise RnnlabError("the numpy backend runs on the CPU in the parameters' dtype only")
         from .numpy_backend import NumpyBackend
         return NumpyBackend(params, activation, onehot_input)
+    if torch_impl == "fused" and not onehot_input:
+        import torch
+
+        from .torch_fused import TorchFusedBackend
+        low = torch.bfloat16 if matmul_dtype == "bfloat16" else None
+        return TorchFusedBackend(params, activation, device, low)
+    if matmul_dtype != "same":
+        raise RnnlabError("--matmul-dtype bfloat16 needs --torch-impl fused")
     from .torch_backend import TorchBackend
     return TorchBackend(params, activation, device, onehot_input)

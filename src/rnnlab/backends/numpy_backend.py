@@ -59,8 +59,10 @@ class NumpyBackend:
         return float(nll.sum()), Hs[-1]
 
     def step(self, token_ids: np.ndarray, state: np.ndarray):
-        logits, Hs = self.forward(np.asarray(token_ids).reshape(-1, 1), state)
-        return logits, Hs[-1]
+        """One decoding step, written out (no (T, B, H) buffers): the hot loop of generation."""
+        p = self.params
+        H = self.phi(p["W_xh"][token_ids] + state @ p["W_hh"] + p["b_h"])     # (B, H)
+        return H @ p["W_hq"] + p["b_q"], H
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.params.items()}

@@ -1,0 +1,251 @@
+"""`rnnlab bench`: speed measured side by side in one process, as ratios to the book's implementation.
+
+Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
+
+Every path trains on the same minibatches from the same weights. Each is warmed up, then timed over several
+repeats; the median is reported with its ratio to the baseline (`bench_book`: the book's one-hot, autograd,
+Python-loop step). Generation is timed against the book's `predict_ch8`, data encoding against its list
+path. The roofline is a measured matmul peak divided by the FLOPs a training token needs.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import cells, corpora, generate, optim, text
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    token: str
+    batch_size: int
+    num_steps: int
+    num_hiddens: int
+
+
+CONFIGS = {c.name: c for c in (
+    BenchConfig("book", "char", 32, 35, 512),
+    BenchConfig("big", "char", 128, 35, 1024),
+    BenchConfig("word", "word", 32, 35, 512),
+)}
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                    gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def timed(fn, warmup: int, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _corpus(token: str, data_dir=None):
+    raw = corpora.read_text(corpora.locate("timemachine", data_dir))
+    return text.load_corpus(raw, "d2l", token)
+
+
+def _batches(corpus, cfg: BenchConfig, n: int = 8):
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(corpus) - cfg.num_steps - 1, (n, cfg.batch_size))
+    steps = np.arange(cfg.num_steps)
+    return [(corpus[s[:, None] + steps].astype(np.int64), corpus[s[:, None] + steps + 1].astype(np.int64))
+            for s in starts]
+
+
+def training_paths(params, device: str):
+    """name -> a backend (or the book's model) built on `params`; torch paths only when torch is present."""
+    from .backends.numpy_backend import NumpyBackend
+    paths = {"numpy (reference)": NumpyBackend(params)}
+    try:
+        import torch
+
+        from . import bench_book
+        from .backends.torch_backend import TorchBackend
+        from .backends.torch_fused import TorchFusedBackend
+    except ImportError:
+        return {}, paths
+    baseline = {"book (baseline)": bench_book.BookRNN(params, device)}
+    paths.update({"torch autograd": TorchBackend(params, device=device),
+                  "torch fused f32": TorchFusedBackend(params, device=device),
+                  "torch fused bf16": TorchFusedBackend(params, device=device, matmul_dtype=torch.bfloat16)})
+    return baseline, paths
+
+
+def _train_fn(model, batches):
+    """One call trains on every batch once: the book's step for the baseline, rnnlab's loop otherwise."""
+    if hasattr(model, "loss_and_grads"):
+        def run():
+            state = model.begin_state(batches[0][0].shape[0])
+            for X, Y in batches:
+                _, grads, state = model.loss_and_grads(X, Y, state)
+                optim.clip_grad_norm(grads, 1.0)
+                optim.sgd(model.params, grads, 1.0)
+        return run
+    import torch
+
+    from . import bench_book
+    tensors = [(torch.as_tensor(X, device=model.device), torch.as_tensor(Y, device=model.device))
+               for X, Y in batches]
+
+    def run_book():
+        state = model.begin_state(tensors[0][0].shape[0])
+        for X, Y in tensors:
+            _, state = bench_book.train_step(model, X, Y, state)
+    return run_book
+
+
+def bench_training(cfg: BenchConfig, device="cpu", warmup=1, repeats=3, num_batches=4, data_dir=None) -> dict:
+    corpus, vocab = _corpus(cfg.token, data_dir)
+    batches = _batches(corpus, cfg, num_batches)
+    params = cells.init_params(len(vocab), cfg.num_hiddens, np.random.default_rng(0))
+    baseline, paths = training_paths(params, device)
+    tokens = num_batches * cfg.batch_size * cfg.num_steps
+    rows = {}
+    for name, model in {**baseline, **paths}.items():
+        if name.startswith("numpy") and cfg.name != "book":
+            continue                                    # the reference is for teaching, not big shapes
+        seconds = timed(_train_fn(model, batches), warmup, repeats)
+        rows[name] = {"tokens_per_s": tokens / seconds}
+    base = rows.get("book (baseline)", {}).get("tokens_per_s")
+    for row in rows.values():
+        row["ratio"] = row["tokens_per_s"] / base if base else None
+    return {"config": {"B": cfg.batch_size, "T": cfg.num_steps, "V": len(vocab), "H": cfg.num_hiddens,
+                       "token": cfg.token, "dtype": "float32 master weights", "device": device},
+            "paths": rows}
+
+
+def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None) -> dict:
+    """Batch-1 greedy and 64 sampled continuations at once (chars/s, all rows counted), book config."""
+    _, vocab = _corpus("char", data_dir)
+    params = cells.init_params(len(vocab), 512, np.random.default_rng(0))
+    prefix = vocab[list("time traveller")]
+    rows = {}
+    try:
+        from . import bench_book
+        book = bench_book.BookRNN(params)
+        seconds = timed(lambda: bench_book.predict_ch8(prefix, num_chars, book), warmup, repeats)
+        rows["book predict_ch8 (greedy, batch 1)"] = {"chars_per_s": num_chars / seconds}
+    except ImportError:
+        pass
+    from .backends.numpy_backend import NumpyBackend
+    model = NumpyBackend(params)
+    for label, batch, temperature in (("rnnlab greedy, batch 1", 1, 0.0), ("rnnlab sampled, 64 at once", 64, 1.0)):
+        def run():
+            generate.generate(model.step, model.begin_state(batch), prefix, num_chars, temperature,
+                              np.random.default_rng(0))
+        rows[label] = {"chars_per_s": batch * num_chars / timed(run, warmup, repeats)}
+    base = next((r["chars_per_s"] for k, r in rows.items() if k.startswith("book")), None)
+    for row in rows.values():
+        row["ratio"] = row["chars_per_s"] / base if base else None
+    return rows
+
+
+def bench_data(megabytes=20, data_dir=None) -> dict:
+    """Encoding throughput (MB/s) and peak traced memory per input character, rnnlab vs the book's lists."""
+    raw = corpora.read_text(corpora.locate("timemachine", data_dir))
+    big = raw * max(1, int(megabytes * 1e6 // len(raw)))
+    rows = {}
+    for label, sample, encode in (
+            ("rnnlab load_corpus", big, lambda s: text.load_corpus(s, "d2l", "char")),
+            ("book list path", raw * 2, _book_encode)):
+        seconds = timed(lambda: encode(sample), 0, 1)       # timed untraced: tracing slows allocation
+        tracemalloc.start()
+        encode(sample)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rows[label] = {"MB_per_s": len(sample) / seconds / 1e6, "peak_bytes_per_char": peak / len(sample),
+                       "chars": len(sample)}
+    return rows
+
+
+def _book_encode(raw: str):
+    from . import bench_book
+    vocab = text.Vocab(text.preprocess(raw, "d2l", "char"))
+    lines = [text.preprocess(line, "d2l", "char") for line in raw.split("\n")]
+    return bench_book.encode_like_the_book("\n".join(lines), vocab)
+
+
+def roofline(cfg: BenchConfig, vocab_size: int) -> dict:
+    from . import bench_book
+    peak = bench_book.matmul_peak(cfg.batch_size, cfg.num_hiddens)
+    flops = bench_book.flops_per_token(vocab_size, cfg.num_hiddens)
+    return {"matmul_gflops": peak / 1e9, "flops_per_token": flops, "tokens_per_s_bound": peak / flops}
+
+
+def run(configs=("book", "big", "word"), device="cpu", repeats=3, warmup=1, num_batches=4,
+        sections=("train", "generate", "data"), data_dir=None, quick=False) -> dict:
+    """All benchmarks; `quick` shrinks every size so the whole thing runs in seconds (for tests)."""
+    result = {"machine": machine(), "train": {}, "roofline": {}}
+    for name in configs:
+        cfg = CONFIGS[name]
+        if quick:
+            cfg = BenchConfig(cfg.name, cfg.token, 4, 5, 32)
+        if "train" in sections:
+            result["train"][name] = bench_training(cfg, device, warmup, repeats, num_batches, data_dir)
+            if result["machine"].get("torch"):
+                result["roofline"][name] = roofline(cfg, result["train"][name]["config"]["V"])
+    if "generate" in sections:
+        result["generate"] = bench_generation(20 if quick else 200, warmup, repeats, data_dir)
+    if "data" in sections:
+        result["data"] = bench_data(0.5 if quick else 20, data_dir)
+    return result
+
+
+def format_report(r: dict) -> str:
+    """The result as readable tables."""
+    m = r["machine"]
+    lines = [f"machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')} "
+             f"({m.get('torch_threads')} threads, {m.get('cpu_capability')}), GPU: {m.get('gpu')}"]
+    for name, t in r["train"].items():
+        c = t["config"]
+        lines += ["", f"training, {name}: B={c['B']} T={c['T']} V={c['V']} H={c['H']} ({c['token']}), "
+                      f"{c['device']}, {c['dtype']}",
+                  f"  {'path':<22} {'tokens/s':>12} {'vs book':>8}"]
+        for path, row in t["paths"].items():
+            ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+            lines.append(f"  {path:<22} {row['tokens_per_s']:>12,.0f} {ratio:>8}")
+        roof = r["roofline"].get(name)
+        if roof:
+            lines.append(f"  roofline: {roof['matmul_gflops']:.0f} GFLOP/s measured (B x H @ H x H, float32) / "
+                         f"{roof['flops_per_token'] / 1e6:.2f} MFLOP per token = "
+                         f"{roof['tokens_per_s_bound']:,.0f} tokens/s")
+    if "generate" in r:
+        lines += ["", "generation (book config, chars/s over all rows)"]
+        for path, row in r["generate"].items():
+            ratio = f"{row['ratio']:.1f}x" if row["ratio"] else "-"
+            lines.append(f"  {path:<36} {row['chars_per_s']:>12,.0f} {ratio:>8}")
+    if "data" in r:
+        lines += ["", "data encoding (d2l preprocessing + vocabulary + encoding)"]
+        for path, row in r["data"].items():
+            lines.append(f"  {path:<22} {row['MB_per_s']:>8.1f} MB/s  {row['peak_bytes_per_char']:>6.1f} "
+                         f"peak bytes/char  ({row['chars']:,} chars)")
+    return "\n".join(lines)
