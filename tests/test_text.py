@@ -83,3 +83,39 @@ def test_tokenize_lines_like_the_book():
 def test_normalize_prefix_keeps_trailing_space():
     assert text.normalize_prefix("Time Traveller, ", "d2l") == "time traveller "
     assert text.normalize_prefix("Time!", "raw") == "Time!"
+
+
+ascii_text = st.lists(st.sampled_from(list("abcXYZ  ,.!\n\r\t-'") + ["\r\n"]), max_size=300).map("".join)
+
+
+def slow_path(s, mode):
+    """The string pipeline the vectorised ASCII path must reproduce."""
+    tokens = text.tokenize(text.preprocess(s, mode), "char")
+    vocab = text.Vocab(tokens)
+    return text.encode(tokens, vocab), vocab
+
+
+@settings(max_examples=150, deadline=None)
+@given(ascii_text, st.sampled_from(text.PREPROCESS_MODES), st.sampled_from([3, 7, 1 << 22]))
+def test_ascii_fast_path_equals_the_string_pipeline(s, mode, chunk):
+    from rnnlab import ascii_chars
+    original = ascii_chars.CHUNK
+    ascii_chars.CHUNK = chunk                      # small chunks: cuts inside lines and inside runs
+    try:
+        expected, vocab = slow_path(s, mode)
+        if len(expected) == 0:
+            with pytest.raises(RnnlabError):
+                text.load_corpus(s, mode)
+            return
+        got, got_vocab = text.load_corpus(s, mode)
+    finally:
+        ascii_chars.CHUNK = original
+    assert got_vocab.idx_to_token == vocab.idx_to_token
+    assert got_vocab.token_freqs == vocab.token_freqs
+    assert got.tolist() == expected.tolist() and got.dtype == np.uint8
+
+
+def test_ascii_fast_path_with_a_given_vocab_maps_unknowns():
+    vocab = text.Vocab("ab ")
+    corpus, same = text.load_corpus("abc ba", "raw", vocab=vocab)
+    assert same is vocab and corpus.tolist() == vocab[list("abc ba")]

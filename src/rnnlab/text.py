@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from . import ascii_chars
 from .errors import RnnlabError
 
 PREPROCESS_MODES = ("d2l", "letters", "raw")
@@ -75,7 +76,17 @@ class Vocab:
 
     def __init__(self, tokens=None, min_freq: int = 0, reserved_tokens=None):
         counter = count_corpus(tokens if tokens is not None else [])
-        self._token_freqs = sorted(counter.items(), key=lambda x: x[1], reverse=True)
+        self._build(counter.items(), min_freq, reserved_tokens)
+
+    @classmethod
+    def from_counts(cls, counts, min_freq: int = 0, reserved_tokens=None) -> "Vocab":
+        """The vocabulary of a corpus given as (token, count) pairs in first-occurrence order."""
+        vocab = cls.__new__(cls)
+        vocab._build(counts, min_freq, reserved_tokens)
+        return vocab
+
+    def _build(self, counts, min_freq, reserved_tokens) -> None:
+        self._token_freqs = sorted(counts, key=lambda x: x[1], reverse=True)
         self.idx_to_token = ["<unk>"] + list(reserved_tokens or [])
         self.token_to_idx = {tok: idx for idx, tok in enumerate(self.idx_to_token)}
         for tok, freq in self._token_freqs:
@@ -159,6 +170,12 @@ def decode(indices, vocab: Vocab, token: str = "char") -> str:
 def load_corpus(text: str, preprocess_mode: str = "d2l", token: str = "char", min_freq: int = 0,
                 vocab: Vocab | None = None):
     """(corpus, vocab): the whole text encoded, with `vocab` or one built over the whole text (the book's)."""
+    if token == "char" and text.isascii() and (vocab is None or len(vocab) <= 256):
+        codes = ascii_chars.preprocess_bytes(text, preprocess_mode)      # the fast path, same result
+        if len(codes) == 0:
+            raise RnnlabError(f"no tokens left after '{preprocess_mode}' preprocessing")
+        vocab = vocab or Vocab.from_counts(ascii_chars.counts_in_first_seen_order(codes), min_freq)
+        return ascii_chars.encode_in_place(codes, vocab.token_to_idx, vocab.unk), vocab
     tokens = tokenize(preprocess(text, preprocess_mode, token), token)
     if len(tokens) == 0:
         raise RnnlabError(f"no tokens left after '{preprocess_mode}' preprocessing")
