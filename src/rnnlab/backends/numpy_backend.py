@@ -59,10 +59,21 @@ class NumpyBackend:
         return float(nll.sum()), Hs[-1]
 
     def step(self, token_ids: np.ndarray, state: np.ndarray):
-        """One decoding step, written out (no (T, B, H) buffers): the hot loop of generation."""
-        p = self.params
-        H = self.phi(p["W_xh"][token_ids] + state @ p["W_hh"] + p["b_h"])     # (B, H)
-        return H @ p["W_hq"] + p["b_q"], H
+        """One decoding step (a `generate` callback)."""
+        return self.decoder()(token_ids, state)
+
+    def decoder(self):
+        """A decoding step specialised for the current weights: W_xh + b_h is added once, not per step.
+
+        Valid until the parameters change (generation does not change them; training does).
+        """
+        p, phi = self.params, self.phi
+        XW_b, W_hh, W_hq, b_q = p["W_xh"] + p["b_h"], p["W_hh"], p["W_hq"], p["b_q"]
+
+        def step(token_ids, H):
+            H = phi(XW_b[token_ids] + H @ W_hh)                                 # (B, H)
+            return H @ W_hq + b_q, H                                            # (B, V) logits
+        return step
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.params.items()}
