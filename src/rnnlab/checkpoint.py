@@ -1,4 +1,4 @@
-"""Checkpoints: weights in safetensors, everything else in JSON. Nothing is pickled; loading runs no code.
+"""Checkpoints: weights in safetensors, everything else in JSON; loading a checkpoint never runs code.
 
 A checkpoint directory holds
 
