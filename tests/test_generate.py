@@ -76,6 +76,7 @@ def test_predict_maps_unknown_characters_to_unk():
     vocab = Vocab("abcde")              # 6 tokens with <unk>, like V
     model = FakeModel()
     model.begin_state = lambda b: np.zeros(b)
+    model.decoder = lambda: model.step
     text = generate.predict(model, vocab, "a?", num_preds=2)[0]
     assert text.startswith("a<unk>") and len(vocab) == V
 

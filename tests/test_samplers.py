@@ -8,16 +8,17 @@ from rnnlab import samplers
 shapes = st.tuples(st.integers(1, 6), st.integers(1, 7), st.integers(0, 120), st.integers(0, 2**31))
 
 
-def _corpus(B, T, extra):
-    return np.arange(samplers.min_tokens(B, T, "sequential") + extra) % 251
+def _draw(sampler, args):
+    """(corpus, batches, B, T) for one hypothesis example: a corpus of consecutive values mod 251."""
+    B, T, extra, seed = args
+    corpus = np.arange(samplers.min_tokens(B, T, "sequential") + extra) % 251
+    return corpus, list(sampler(corpus, B, T, np.random.default_rng(seed))), B, T
 
 
 @settings(max_examples=60, deadline=None)
 @given(shapes)
 def test_sequential_rows_continue(args):
-    B, T, extra, seed = args
-    corpus = _corpus(B, T, extra)
-    batches = list(samplers.seq_data_iter_sequential(corpus, B, T, np.random.default_rng(seed)))
+    corpus, batches, B, T = _draw(samplers.seq_data_iter_sequential, args)
     assert batches, "min_tokens must guarantee one minibatch"
     for X, Y in batches:
         assert X.shape == Y.shape == (B, T)
@@ -33,9 +34,7 @@ def test_sequential_rows_continue(args):
 @settings(max_examples=60, deadline=None)
 @given(shapes)
 def test_random_disjoint_and_shifted(args):
-    B, T, extra, seed = args
-    corpus = _corpus(B, T, extra)
-    batches = list(samplers.seq_data_iter_random(corpus, B, T, np.random.default_rng(seed)))
+    corpus, batches, B, T = _draw(samplers.seq_data_iter_random, args)
     assert batches
     offset = int(batches[0][0].min()) % T if T > 1 else 0
     assert len(batches) == ((len(corpus) - offset - 1) // T) // B     # every whole minibatch, no more

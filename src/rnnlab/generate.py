@@ -58,7 +58,6 @@ def predict(backend, vocab, prefix_tokens, num_preds: int, temperature: float = 
             rng=None, num_samples: int = 1, joiner: str = "") -> list[str]:
     """Text continuations of a tokenized prefix from a backend (the book's `predict_ch8` when greedy)."""
     ids = vocab[list(prefix_tokens)]
-    step = backend.decoder() if hasattr(backend, "decoder") else backend.step
-    out = generate(step, backend.begin_state(num_samples), ids, num_preds, temperature, rng,
+    out = generate(backend.decoder(), backend.begin_state(num_samples), ids, num_preds, temperature, rng,
                    never_sample=[vocab.unk])
     return [joiner.join(vocab.to_tokens(list(row))) for row in out]

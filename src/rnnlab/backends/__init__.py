@@ -8,6 +8,7 @@ start from identical weights) and expose the same small interface:
     loss_and_grads(X, Y, state) -> (mean loss, grads dict, new state)   # state detached
     nll(X, Y, state) -> (summed loss, new state)                        # no gradients
     step(token_ids, state) -> (logits as numpy (B, V), new state)       # one decoding step
+    decoder() -> a `step` callback, possibly precomputed for the current weights
     numpy_params() -> dict of numpy arrays
 
 Gradients are arrays of the backend's own kind, updated in place by the backend-neutral `optim` code.

@@ -59,19 +59,19 @@ class NumpyBackend:
         return float(nll.sum()), Hs[-1]
 
     def step(self, token_ids: np.ndarray, state: np.ndarray):
-        """One decoding step (a `generate` callback)."""
-        return self.decoder()(token_ids, state)
+        """One decoding step (a `generate` callback) from the current weights."""
+        return self.decoder(add_bias_once=False)(token_ids, state)
 
-    def decoder(self):
-        """A decoding step specialised for the current weights: W_xh + b_h is added once, not per step.
-
-        Valid until the parameters change (generation does not change them; training does).
-        """
+    def decoder(self, add_bias_once: bool = True):
+        """A `generate` step callback. With `add_bias_once`, the table W_xh + b_h is built when the decoder
+        is made, not at every step: valid while the weights do not change (they don't while generating)."""
         p, phi = self.params, self.phi
-        XW_b, W_hh, W_hq, b_q = p["W_xh"] + p["b_h"], p["W_hh"], p["W_hq"], p["b_q"]
+        W_hh, W_hq, b_q = p["W_hh"], p["W_hq"], p["b_q"]
+        XW_b = p["W_xh"] + p["b_h"] if add_bias_once else None
 
         def step(token_ids, H):
-            H = phi(XW_b[token_ids] + H @ W_hh)                                 # (B, H)
+            XW = XW_b[token_ids] if XW_b is not None else p["W_xh"][token_ids] + p["b_h"]
+            H = phi(XW + H @ W_hh)                                              # (B, H)
             return H @ W_hq + b_q, H                                            # (B, V) logits
         return step
 

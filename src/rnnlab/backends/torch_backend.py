@@ -76,5 +76,9 @@ class TorchBackend:
         logits, H = self.forward(self.params, self._tensor(token_ids).reshape(-1, 1), state)
         return logits.cpu().numpy(), H
 
+    def decoder(self):
+        """A `generate` step callback (the same interface as the numpy backend's)."""
+        return self.step
+
     def numpy_params(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.params.items()}

@@ -25,11 +25,12 @@ class TorchFusedBackend(TorchBackend):
         super().__init__(params, activation, device)
         self.activation = activation
         self.matmul_dtype = matmul_dtype if matmul_dtype is not None else self.dtype
+        self.low_precision = self.matmul_dtype != self.dtype     # bf16 operands, float32 master copy
         self._buffers = {}
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b with operands in the matmul dtype and the result in the master dtype."""
-        if self.matmul_dtype == self.dtype:
+        if not self.low_precision:
             return a @ b
         return (a.to(self.matmul_dtype) @ b.to(self.matmul_dtype)).to(self.dtype)
 
@@ -43,7 +44,7 @@ class TorchFusedBackend(TorchBackend):
 
     def _shadow(self, name: str, shape) -> torch.Tensor | None:
         """A matmul-dtype copy of a buffer for bf16 operands; None when matmuls run in the master dtype."""
-        return None if self.matmul_dtype == self.dtype else self._buffer(name, shape, self.matmul_dtype)
+        return self._buffer(name, shape, self.matmul_dtype) if self.low_precision else None
 
     def _forward_states(self, X: torch.Tensor, H0: torch.Tensor) -> torch.Tensor:
         """X (B, T) -> states (T+1, B, H) with states[0] = H0: the buffer the backward pass reads."""
@@ -75,8 +76,8 @@ class TorchFusedBackend(TorchBackend):
         T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
         Hs = states[1:].reshape(T * B, H)
         # 1) output layer and loss over all T*B rows at once
-        logits = torch.addmm(p["b_q"], Hs, p["W_hq"]) if self.matmul_dtype == self.dtype \
-            else self._mm(Hs, p["W_hq"]) + p["b_q"]
+        logits = self._mm(Hs, p["W_hq"])
+        logits += p["b_q"]
         log_p = torch.log_softmax(logits, dim=1)
         rows = torch.arange(len(y), device=self.device)
         loss = -log_p[rows, y].mean()
