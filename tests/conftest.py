@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(os.environ.get("RNNLAB_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+DATA = Path(os.environ.get("RNNLAB_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data").resolve()
 
 
 @pytest.fixture(autouse=True)
