@@ -8,28 +8,40 @@ import pytest
 
 from helpers import random_batch, random_params, rel_err
 from rnnlab import cells, evaluate, generate, optim
+from rnnlab.backends import make_backend
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import TrainConfig
+from rnnlab.errors import RnnlabError
 from rnnlab.train import train_epoch
 
 torch = pytest.importorskip("torch")
 from rnnlab.backends.torch_backend import TorchBackend  # noqa: E402
+from rnnlab.backends.torch_compiled import TorchCompiledBackend  # noqa: E402
 from rnnlab.backends.torch_fused import TorchFusedBackend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# every torch training path: autograd over the shared forward, and the fused hand-written BPTT
-TORCH_PATHS = {"autograd": TorchBackend, "fused": TorchFusedBackend}
+# every torch training path: autograd over the shared forward, the fused hand-written BPTT, and the
+# autograd step compiled by torch.compile
+TORCH_PATHS = {"autograd": TorchBackend, "fused": TorchFusedBackend, "compile": TorchCompiledBackend}
 TOL = {np.float64: 1e-10, np.float32: 1e-5}
+# torch.compile spends ~10 s per new shape and dtype: the default suite compiles only these cases
+FAST_COMPILE_CASES = {(np.float64, "tanh"), (np.float32, "relu")}
+
+
+def compile_slow(cases, key):
+    """pytest.params over `cases`; the compile path's cases outside FAST_COMPILE_CASES are marked slow."""
+    return [pytest.param(*c, marks=pytest.mark.slow) if c[0] == "compile" and key(c) not in FAST_COMPILE_CASES
+            else c for c in cases]
 
 
 def as_np(x):
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-@pytest.mark.parametrize("path", TORCH_PATHS)
+@pytest.mark.parametrize("path, dtype, activation", compile_slow(
+    [(p, d, a) for p in TORCH_PATHS for d in (np.float64, np.float32) for a in ("tanh", "relu")],
+    key=lambda c: c[1:]))
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_loss_grads_and_clipped_step_agree(path, device, dtype, activation):
     V, H, B, T = 11, 16, 4, 6
     params = random_params(V, H, dtype, scale=0.3)
@@ -114,3 +126,18 @@ def test_bf16_matmuls_stay_close_to_float32(device):
     for name in cells.PARAM_NAMES:
         assert rel_err(as_np(g1[name]), as_np(g2[name])) < 5e-2, name
         assert low.params[name].dtype == torch.float32                # master weights stay float32
+
+
+@pytest.mark.parametrize("impl, matmul_dtype, expected", [
+    ("fused", "same", TorchFusedBackend), ("fused", "bfloat16", TorchFusedBackend),
+    ("autograd", "same", TorchBackend), ("compile", "same", TorchCompiledBackend)])
+def test_make_backend_picks_the_named_torch_path(impl, matmul_dtype, expected):
+    backend = make_backend("torch", random_params(5, 4, np.float32), torch_impl=impl, matmul_dtype=matmul_dtype)
+    assert type(backend) is expected
+    assert backend.numpy_params()["W_hh"].shape == (4, 4)
+
+
+@pytest.mark.parametrize("impl", ["autograd", "compile"])
+def test_bf16_matmuls_need_the_fused_path(impl):
+    with pytest.raises(RnnlabError, match="needs --torch-impl fused"):
+        make_backend("torch", random_params(5, 4, np.float32), torch_impl=impl, matmul_dtype="bfloat16")

@@ -81,8 +81,10 @@ def _batches(corpus, cfg: BenchConfig, n: int = 8):
             for s in starts]
 
 
-def training_paths(params, device: str):
-    """name -> a backend (or the book's model) built on `params`; torch paths only when torch is present."""
+def training_paths(params, device: str, compile: bool = True):
+    """name -> a backend (or the book's model) built on `params`; torch paths only when torch is present.
+
+    `compile` adds the torch.compile path, whose first step compiles for tens of seconds."""
     from .backends.numpy_backend import NumpyBackend
     paths = {"numpy (reference)": NumpyBackend(params)}
     try:
@@ -90,6 +92,7 @@ def training_paths(params, device: str):
 
         from . import bench_book
         from .backends.torch_backend import TorchBackend
+        from .backends.torch_compiled import TorchCompiledBackend
         from .backends.torch_fused import TorchFusedBackend
     except ImportError:
         return {}, paths
@@ -97,6 +100,8 @@ def training_paths(params, device: str):
     paths.update({"torch autograd": TorchBackend(params, device=device),
                   "torch fused f32": TorchFusedBackend(params, device=device),
                   "torch fused bf16": TorchFusedBackend(params, device=device, matmul_dtype=torch.bfloat16)})
+    if compile:
+        paths["torch compile f32"] = TorchCompiledBackend(params, device=device)
     return baseline, paths
 
 
@@ -123,18 +128,22 @@ def _train_fn(model, batches):
     return run_book
 
 
-def bench_training(cfg: BenchConfig, device="cpu", warmup=1, repeats=3, num_batches=4, data_dir=None) -> dict:
+def bench_training(cfg: BenchConfig, device="cpu", warmup=1, repeats=3, num_batches=4, data_dir=None,
+                   compile=True) -> dict:
+    """Training tokens/s of every path on the same batches; `first_call_s` is the first (cold) call."""
     corpus, vocab = _corpus(cfg.token, data_dir)
     batches = _batches(corpus, cfg, num_batches)
     params = cells.init_params(len(vocab), cfg.num_hiddens, np.random.default_rng(0))
-    baseline, paths = training_paths(params, device)
+    baseline, paths = training_paths(params, device, compile)
     tokens = num_batches * cfg.batch_size * cfg.num_steps
     rows = {}
     for name, model in {**baseline, **paths}.items():
         if name.startswith("numpy") and cfg.name != "book":
             continue                                    # the reference is for teaching, not big shapes
-        seconds = timed(_train_fn(model, batches), warmup, repeats)
-        rows[name] = {"tokens_per_s": tokens / seconds}
+        fn = _train_fn(model, batches)
+        first = timed(fn, 0, 1)                         # the first call counts as one warm-up
+        seconds = timed(fn, max(warmup - 1, 0), repeats)
+        rows[name] = {"tokens_per_s": tokens / seconds, "first_call_s": first}
     base = rows.get("book (baseline)", {}).get("tokens_per_s")
     for row in rows.values():
         row["ratio"] = row["tokens_per_s"] / base if base else None
@@ -202,15 +211,17 @@ def roofline(cfg: BenchConfig, vocab_size: int) -> dict:
 
 
 def run(configs=("book", "big", "word"), device="cpu", repeats=3, warmup=1, num_batches=4,
-        sections=("train", "generate", "data"), data_dir=None, quick=False) -> dict:
-    """All benchmarks; `quick` shrinks every size so the whole thing runs in seconds (for tests)."""
+        sections=("train", "generate", "data"), data_dir=None, quick=False, compile=True) -> dict:
+    """All benchmarks; `quick` shrinks every size so the whole thing runs in seconds (for tests) and leaves
+    out the torch.compile path, as `compile=False` does."""
     result = {"machine": machine(), "train": {}, "roofline": {}}
     for name in configs:
         cfg = CONFIGS[name]
         if quick:
             cfg = BenchConfig(cfg.name, cfg.token, 4, 5, 32)
         if "train" in sections:
-            result["train"][name] = bench_training(cfg, device, warmup, repeats, num_batches, data_dir)
+            result["train"][name] = bench_training(cfg, device, warmup, repeats, num_batches, data_dir,
+                                                       compile and not quick)
             if result["machine"].get("torch"):
                 result["roofline"][name] = roofline(cfg, result["train"][name]["config"]["V"])
     if "generate" in sections:
@@ -229,10 +240,10 @@ def format_report(r: dict) -> str:
         c = t["config"]
         lines += ["", f"training, {name}: B={c['B']} T={c['T']} V={c['V']} H={c['H']} ({c['token']}), "
                       f"{c['device']}, {c['dtype']}",
-                  f"  {'path':<22} {'tokens/s':>12} {'vs book':>8}"]
+                  f"  {'path':<22} {'tokens/s':>12} {'vs book':>8} {'first call':>11}"]
         for path, row in t["paths"].items():
             ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
-            lines.append(f"  {path:<22} {row['tokens_per_s']:>12,.0f} {ratio:>8}")
+            lines.append(f"  {path:<22} {row['tokens_per_s']:>12,.0f} {ratio:>8} {row['first_call_s']:>10.2f}s")
         roof = r["roofline"].get(name)
         if roof:
             lines.append(f"  roofline: {roof['matmul_gflops']:.0f} GFLOP/s measured (B x H @ H x H, float32) / "

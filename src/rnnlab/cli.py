@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     bench.add_argument("--data-dir", help="directory searched first for The Time Machine")
     bench.add_argument("--quick", action="store_true", help="tiny shapes: checks that every path runs")
+    bench.add_argument("--no-compile", action="store_true",
+                       help="leave out the torch.compile path (it compiles for tens of seconds per config)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
 
     corp = sub.add_parser("corpora", help="named corpora: where they were found and whether the hash is right")
@@ -220,7 +222,7 @@ def cmd_bench(ns) -> int:
     if ns.repeats <= 0 or ns.warmup < 0:
         raise RnnlabError("--repeats must be positive and --warmup >= 0")
     result = bench.run(tuple(ns.configs), ns.device, ns.repeats, ns.warmup, sections=tuple(ns.sections),
-                       data_dir=ns.data_dir, quick=ns.quick)
+                       data_dir=ns.data_dir, quick=ns.quick, compile=not ns.no_compile)
     print(json.dumps(result, indent=1) if ns.json else bench.format_report(result))
     return 0
 

@@ -67,7 +67,9 @@ class TrainConfig:
     matmul_dtype: str = option("same", "torch: dtype of matmul operands; bfloat16 keeps float32 master "
                                        "weights, states and sums", choices=("same", "bfloat16"))
     torch_impl: str = option("fused", "torch: fused = hand-written BPTT (fastest exact path); autograd = "
-                                      "autograd over the reference forward", choices=("fused", "autograd"))
+                                      "autograd over the reference forward; compile = that autograd step "
+                                      "compiled by torch.compile (slow first step)",
+                                      choices=("fused", "autograd", "compile"))
     log_every: int = option(10, "evaluate, log, sample and checkpoint every N epochs")
     prefixes: tuple[str, ...] = option(("time traveller", "traveller"), "prefixes sampled greedily at each log")
     num_preds: int = option(50, "characters generated per logged sample")

@@ -41,7 +41,8 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
                  onehot_input: bool = False, torch_impl: str = "fused", matmul_dtype: str = "same"):
     """Build a backend holding `params` (numpy arrays, copied).
 
-    On torch, `torch_impl` picks the fused hand-written BPTT (the default, fastest exact path) or autograd;
+    On torch, `torch_impl` picks the fused hand-written BPTT (the default, fastest exact path), autograd, or
+    autograd compiled by torch.compile;
     `matmul_dtype="bfloat16"` gives the fused path bf16 matmul operands.
     """
     name = resolve(name)
@@ -58,5 +59,8 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
         return TorchFusedBackend(params, activation, device, low)
     if matmul_dtype != "same":
         raise RnnlabError("--matmul-dtype bfloat16 needs --torch-impl fused")
+    if torch_impl == "compile" and not onehot_input:
+        from .torch_compiled import TorchCompiledBackend
+        return TorchCompiledBackend(params, activation, device)
     from .torch_backend import TorchBackend
     return TorchBackend(params, activation, device, onehot_input)
