@@ -23,7 +23,7 @@ class FakeModel:
 
 def test_greedy_follows_the_argmax_and_warms_up_on_the_prefix():
     model = FakeModel()
-    out = generate.generate(model.step, np.zeros(1), [4, 2, 3], num_preds=5)
+    out = generate.generate(model.step, np.zeros((1, 1)), [4, 2, 3], num_preds=5)
     assert out.tolist() == [[4, 2, 3, 4, 5, 0, 1, 2]]
     # the book's predict_ch8: every prefix token is fed once, then each generated token but the last
     assert [int(t[0]) for t in model.fed] == [4, 2, 3, 4, 5, 0, 1]
@@ -36,8 +36,8 @@ def test_state_is_threaded_through_every_step():
         seen.append(state.copy())
         return np.eye(V)[np.asarray(token_ids)], state + 1
 
-    generate.generate(step, np.zeros(2), [1, 1], num_preds=3)
-    assert [int(s[0]) for s in seen] == [0, 1, 2, 3]
+    generate.generate(step, np.zeros((1, 2)), [1, 1], num_preds=3)
+    assert [int(s[0, 0]) for s in seen] == [0, 1, 2, 3]
 
 
 def test_sampling_distribution_and_seed():
@@ -57,25 +57,25 @@ def test_sampling_distribution_and_seed():
 
 def test_temperature_zero_is_argmax_and_batched_rows_are_independent():
     model = FakeModel()
-    out = generate.generate(model.step, np.zeros(4), [0], num_preds=3, temperature=0.0)
+    out = generate.generate(model.step, np.zeros((1, 4)), [0], num_preds=3, temperature=0.0)
     assert out.tolist() == [[0, 1, 2, 3]] * 4
-    sampled = generate.generate(FakeModel().step, np.zeros(64), [0], 8, temperature=5.0,
+    sampled = generate.generate(FakeModel().step, np.zeros((1, 64)), [0], 8, temperature=5.0,
                                 rng=np.random.default_rng(0))
     assert len({tuple(r) for r in sampled.tolist()}) > 1      # hot sampling: rows differ
 
 
 def test_bad_prefix_and_temperature():
     with pytest.raises(RnnlabError, match="empty"):
-        generate.generate(FakeModel().step, np.zeros(1), [], 3)
+        generate.generate(FakeModel().step, np.zeros((1, 1)), [], 3)
     with pytest.raises(RnnlabError, match="temperature"):
-        generate.generate(FakeModel().step, np.zeros(1), [1], 3, temperature=-1)
+        generate.generate(FakeModel().step, np.zeros((1, 1)), [1], 3, temperature=-1)
 
 
 def test_predict_maps_unknown_characters_to_unk():
     from rnnlab.text import Vocab
     vocab = Vocab("abcde")              # 6 tokens with <unk>, like V
     model = FakeModel()
-    model.begin_state = lambda b: np.zeros(b)
+    model.begin_state = lambda b: np.zeros((1, b))
     model.decoder = lambda: model.step
     text = generate.predict(model, vocab, "a?", num_preds=2)[0]
     assert text.startswith("a<unk>") and len(vocab) == V
@@ -87,8 +87,8 @@ def test_never_sample_masks_a_token_when_sampling_only():
         logits[:, 0] = 3.0                     # token 0 (<unk>) is the most likely
         return logits, state
 
-    sampled = generate.generate(step, np.zeros(32), [1], 20, temperature=1.0, rng=np.random.default_rng(0),
+    sampled = generate.generate(step, np.zeros((1, 32)), [1], 20, temperature=1.0, rng=np.random.default_rng(0),
                                 never_sample=[0])
     assert (sampled[:, 1:] != 0).all()
-    greedy = generate.generate(step, np.zeros(1), [1], 3, never_sample=[0])
+    greedy = generate.generate(step, np.zeros((1, 1)), [1], 3, never_sample=[0])
     assert greedy.tolist() == [[1, 0, 0, 0]]   # greedy stays the book's argmax

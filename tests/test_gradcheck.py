@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from helpers import random_batch, random_params, rel_err
+from helpers import ARCHS, random_batch, random_params, random_state, rel_err
+from rnnlab import network
 from rnnlab.backends.numpy_backend import NumpyBackend
 
 
@@ -13,7 +14,7 @@ def test_bptt_matches_finite_differences(activation, onehot_input):
     backend = NumpyBackend(random_params(V, H), activation, onehot_input)
     X, Y = random_batch(V, B, T)
     X[0, :2] = X[1, 0]                                     # a repeated token: gathered rows must accumulate
-    H0 = np.random.default_rng(2).standard_normal((B, H)) * 0.5   # a carried (non-zero) state
+    H0 = np.random.default_rng(2).standard_normal((1, B, H)) * 0.5   # a carried (non-zero) state
     loss, grads, _ = backend.loss_and_grads(X, Y, H0)
     eps = 1e-6
     for name, p in backend.params.items():
@@ -35,11 +36,11 @@ def test_loss_is_mean_cross_entropy():
     backend = NumpyBackend(random_params(V, 4))
     X, Y = random_batch(V, 2, 3)
     loss, _, H_last = backend.loss_and_grads(X, Y, backend.begin_state(2))
-    logits, Hs = backend.forward(X, backend.begin_state(2))
+    logits, state, _ = backend.forward(X, backend.begin_state(2))
     y = Y.T.reshape(-1)
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert loss == pytest.approx(-np.log(p[np.arange(len(y)), y]).mean(), rel=1e-12)
-    np.testing.assert_array_equal(H_last, Hs[-1])
+    np.testing.assert_array_equal(H_last, state)
 
 
 def test_gather_equals_onehot_matmul():
@@ -52,3 +53,52 @@ def test_gather_equals_onehot_matmul():
     assert lg == pytest.approx(lo, rel=1e-13)
     for name in gg:
         assert rel_err(gg[name], go[name]) < 1e-13
+
+
+def numeric_grads(backend, loss_of):
+    """Central differences of loss_of() w.r.t. every parameter of `backend`, perturbed in place."""
+    eps, out = 1e-6, {}
+    for name, p in backend.params.items():
+        numeric = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            old = p[i]
+            p[i] = old + eps
+            plus = loss_of()
+            p[i] = old - eps
+            minus = loss_of()
+            p[i] = old
+            numeric[i] = (plus - minus) / (2 * eps)
+        out[name] = numeric
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_deep_and_gated_bptt_matches_finite_differences(arch, dropout):
+    V, B, T, H = 5, 2, 4, 3
+    backend = NumpyBackend(random_params(V, H, **ARCHS[arch]))
+    a = backend.arch
+    X, Y = random_batch(V, B, T)
+    X[0, :2] = X[1, 0]                                     # a repeated token: gathered rows must accumulate
+    state = random_state(a.num_state_slices, B, H)
+    masks = network.dropout_masks(np.random.default_rng(3), dropout, a.num_layers, B, T, H, np.float64)
+    _, grads, _ = backend.loss_and_grads(X, Y, state, masks)
+    numeric = numeric_grads(backend, lambda: backend.loss_and_grads(X, Y, state, masks)[0])
+    assert set(grads) == set(backend.params)
+    for name in grads:     # 1e-5: deep layers' gradients are ~1e-4, where differencing noise is ~1e-10
+        assert rel_err(grads[name], numeric[name]) < 1e-5, name
+
+
+def test_the_book_rnn_is_a_one_layer_network_of_the_same_code():
+    """The generic stack with one RNN layer is the book's recurrence, step for step."""
+    V, B, T, H = 6, 3, 5, 4
+    params = random_params(V, H)
+    X, _ = random_batch(V, B, T)
+    H_t = random_state(1, B, H)[0]
+    expected = []
+    for t in range(T):
+        H_t = np.tanh(params["W_xh"][X[:, t]] + H_t @ params["W_hh"] + params["b_h"])
+        expected.append(H_t @ params["W_hq"] + params["b_q"])
+    logits, state, _ = NumpyBackend(params).forward(X, random_state(1, B, H))
+    np.testing.assert_allclose(logits, np.concatenate(expected), rtol=1e-12)
+    np.testing.assert_allclose(state[0], H_t, rtol=1e-12)

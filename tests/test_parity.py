@@ -6,8 +6,8 @@ Runs on CUDA too when it is present.
 import numpy as np
 import pytest
 
-from helpers import random_batch, random_params, rel_err
-from rnnlab import cells, evaluate, generate, optim
+from helpers import ARCHS, random_batch, random_params, random_state, rel_err
+from rnnlab import cells, evaluate, generate, network, optim
 from rnnlab.backends import make_backend
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import TrainConfig
@@ -47,7 +47,7 @@ def test_loss_grads_and_clipped_step_agree(path, device, dtype, activation):
     params = random_params(V, H, dtype, scale=0.3)
     ref, fast = NumpyBackend(params, activation), TORCH_PATHS[path](params, activation, device)
     X, Y = random_batch(V, B, T)
-    state_np = np.random.default_rng(5).standard_normal((B, H)).astype(dtype) * 0.3
+    state_np = np.random.default_rng(5).standard_normal((1, B, H)).astype(dtype) * 0.3
     state_t = torch.tensor(state_np, device=device)
     l1, g1, s1 = ref.loss_and_grads(X, Y, state_np)
     l2, g2, s2 = fast.loss_and_grads(X, Y, state_t)
@@ -93,7 +93,7 @@ def test_scoring_and_decoding_agree(device):
     assert a["tokens"] == b["tokens"] == 599
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-10)
     for backend in (ref, fast):
-        assert backend.begin_state(1).shape == (1, H)
+        assert backend.begin_state(1).shape == (1, 1, H)
     out_ref = generate.generate(ref.step, ref.begin_state(3), [1, 2, 3], 20)
     out_fast = generate.generate(fast.step, fast.begin_state(3), [1, 2, 3], 20)
     np.testing.assert_array_equal(out_ref, out_fast)
@@ -141,3 +141,51 @@ def test_make_backend_picks_the_named_torch_path(impl, matmul_dtype, expected):
 def test_bf16_matmuls_need_the_fused_path(impl):
     with pytest.raises(RnnlabError, match="needs --torch-impl fused"):
         make_backend("torch", random_params(5, 4, np.float32), torch_impl=impl, matmul_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_deep_and_gated_networks_agree_with_dropout(arch, dtype, device):
+    V, H, B, T = 9, 6, 3, 5
+    params = random_params(V, H, dtype, scale=0.4, **ARCHS[arch])
+    ref, fast = NumpyBackend(params), TorchBackend(params, device=device)
+    a = ref.arch
+    X, Y = random_batch(V, B, T)
+    state = random_state(a.num_state_slices, B, H, dtype, scale=0.3)
+    masks = network.dropout_masks(np.random.default_rng(4), 0.3, a.num_layers, B, T, H, dtype)
+    l1, g1, s1 = ref.loss_and_grads(X, Y, state, masks)
+    l2, g2, s2 = fast.loss_and_grads(X, Y, torch.tensor(state, device=device), masks)
+    tol = TOL[dtype]
+    assert l1 == pytest.approx(l2, rel=tol)
+    assert rel_err(s1, as_np(s2)) < tol
+    for name in params:
+        assert rel_err(g1[name], as_np(g2[name])) < tol, name
+    # scoring and decoding (no dropout) agree too
+    tokens = np.random.default_rng(3).integers(0, V, 80)
+    ppl = [evaluate.score_stream(b, tokens, chunk=32)["perplexity"] for b in (ref, fast)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=tol)
+    outs = [generate.generate(b.decoder(), b.begin_state(2), [1, 2], 10) for b in (ref, fast)]
+    np.testing.assert_array_equal(*outs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["lstm-2layer-embed", "gru"])
+def test_compiled_deep_networks_agree(arch):
+    V, H, B, T = 9, 6, 3, 5
+    params = random_params(V, H, np.float64, scale=0.4, **ARCHS[arch])
+    ref, fast = NumpyBackend(params), TorchCompiledBackend(params)
+    X, Y = random_batch(V, B, T)
+    masks = network.dropout_masks(np.random.default_rng(4), 0.3, ref.arch.num_layers, B, T, H, np.float64)
+    l1, g1, _ = ref.loss_and_grads(X, Y, ref.begin_state(B), masks)
+    l2, g2, _ = fast.loss_and_grads(X, Y, fast.begin_state(B), masks)
+    assert l1 == pytest.approx(l2, rel=1e-10)
+    for name in params:
+        assert rel_err(g1[name], as_np(g2[name])) < 1e-10, name
+
+
+def test_fused_is_chosen_only_for_the_book_rnn():
+    deep = random_params(5, 4, np.float32, cell="rnn", num_layers=2)
+    assert type(make_backend("torch", deep, torch_impl="fused")) is TorchBackend
+    with pytest.raises(RnnlabError, match="book's model"):
+        make_backend("torch", deep, torch_impl="fused", matmul_dtype="bfloat16")

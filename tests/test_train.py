@@ -61,7 +61,7 @@ def test_stream_score_is_token_weighted_and_chunk_independent():
     backend = NumpyBackend(random_params(5, 8, scale=0.4))
     tokens = np.random.default_rng(0).integers(0, 5, 101)
     # reference: the whole stream in one forward pass from a zero state
-    logits, _ = backend.forward(tokens[None, :-1], backend.begin_state(1))
+    logits, _, _ = backend.forward(tokens[None, :-1], backend.begin_state(1))
     nll, _ = cells.cross_entropy(logits, tokens[1:])
     for chunk in (1, 7, 33, 500):   # uneven last chunks: a mean of per-chunk means would differ
         r = evaluate.score_stream(backend, tokens, chunk)

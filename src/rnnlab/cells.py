@@ -1,44 +1,154 @@
-"""The recurrence, written once: parameters, the forward step, the output layer, the loss, and the
-hand-written backward pass used by the numpy reference.
+"""The cells, written once: parameters, the forward step of each cell, and the numpy backward step.
 
-Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
+Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens, I = a layer's input width,
+E = embedding size, L = num_layers, S = state slices (L, or 2L for the LSTM's H and C).
 
-The forward functions use only `@`, `+`, indexing and an activation passed in, so the same code runs on
-numpy arrays (the reference backend) and torch tensors (autograd differentiates it). Parameters are a flat
-dict with the book's names:
+The book's RNN (§8.5), with its parameter names:
 
     H_t = phi(X_t W_xh + H_{t-1} W_hh + b_h)     W_xh (V, H), W_hh (H, H), b_h (H,)
     O_t = H_t W_hq + b_q                         W_hq (H, V), b_q (V,)
 
 X_t is a one-hot row, so X_t W_xh is row x_t of W_xh: gathering rows equals the book's one-hot matmul.
+
+The GRU (§10.2) and LSTM (§10.1) keep the book's names, one (W_x*, W_h*, b_*) triple per gate:
+
+    GRU   Z = sig(X W_xz + H W_hz + b_z)   R = sig(X W_xr + H W_hr + b_r)
+          H~ = tanh(X W_xh + (R * H) W_hh + b_h)        H_t = Z * H + (1 - Z) * H~
+    LSTM  I = sig(X W_xi + H W_hi + b_i)   F = sig(X W_xf + H W_hf + b_f)   O = sig(X W_xo + H W_ho + b_o)
+          C~ = tanh(X W_xc + H W_hc + b_c)  C_t = F * C + I * C~           H_t = O * tanh(C_t)
+
+Layer l > 1 of a stack takes the layer below's states as its X and names its parameters with the suffix
+`_l<l>` (W_xh_l2, ...). With a learned embedding, tokens are looked up in W_emb (V, E) and layer 1's W_x*
+are (E, H); without one, layer 1's W_x* are (V, H) and gathered by token (one-hot input).
+
+Inside a layer the gates' weights are concatenated in gate order (W_x (I, G*H), W_h (H, G*H), b (G*H,)) so
+each step needs one recurrent matmul (two for the GRU, whose candidate sees R * H). The step functions use
+only `@`, `*`, `+`, slicing and the functions of an `ops` namespace, so the same forward code runs on numpy
+arrays (the reference) and torch tensors (differentiated by autograd).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-PARAM_NAMES = ("W_xh", "W_hh", "b_h", "W_hq", "b_q")
+GATES = {"rnn": ("h",), "gru": ("z", "r", "h"), "lstm": ("i", "f", "o", "c")}
+CELLS = tuple(GATES)
+PARAM_NAMES = ("W_xh", "W_hh", "b_h", "W_hq", "b_q")       # the book's RNN
 
 
-def param_shapes(vocab_size: int, num_hiddens: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every parameter, by name."""
+class NumpyOps:
+    """The elementwise functions the forward step needs, for numpy arrays."""
+    tanh = staticmethod(np.tanh)
+    cat = staticmethod(lambda xs: xs[0] if len(xs) == 1 else np.concatenate(xs, -1))
+    stack = staticmethod(np.stack)
+    unbind = staticmethod(list)                         # (T, ...) -> T views, one per step
+
+    @staticmethod
+    def sigmoid(a):
+        return 0.5 * (1.0 + np.tanh(0.5 * a))          # = 1 / (1 + e^-a), without overflow
+
+    @staticmethod
+    def relu(a):
+        return np.maximum(a, 0)
+
+    @staticmethod
+    def one_hot(X, vocab_size, like):
+        return one_hot(X, vocab_size, like.dtype)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape of a network, as read from its parameters."""
+    cell: str = "rnn"
+    num_layers: int = 1
+    embed_size: int = 0              # 0: one-hot input (gathered rows of layer 1's W_x*)
+    vocab_size: int = 0
+    num_hiddens: int = 0
+
+    @property
+    def num_state_slices(self) -> int:
+        return 2 * self.num_layers if self.cell == "lstm" else self.num_layers
+
+    @property
+    def is_book_rnn(self) -> bool:
+        """The §8.5 model: one RNN layer on one-hot input (the fused fast paths handle only this one)."""
+        return self.cell == "rnn" and self.num_layers == 1 and not self.embed_size
+
+
+def suffix(layer: int) -> str:
+    """'' for the first layer (the book's names), '_l2', '_l3', ... above it; `layer` counts from 0."""
+    return "" if layer == 0 else f"_l{layer + 1}"
+
+
+def layer_names(cell: str, layer: int) -> list[tuple[str, str, str]]:
+    """(W_x*, W_h*, b_*) names of every gate of one layer, in gate order."""
+    s = suffix(layer)
+    return [(f"W_x{g}{s}", f"W_h{g}{s}", f"b_{g}{s}") for g in GATES[cell]]
+
+
+def param_shapes(vocab_size: int, num_hiddens: int, cell: str = "rnn", num_layers: int = 1,
+                 embed_size: int = 0) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter, by name, in the order they are initialised."""
     V, H = vocab_size, num_hiddens
-    return {"W_xh": (V, H), "W_hh": (H, H), "b_h": (H,), "W_hq": (H, V), "b_q": (V,)}
+    shapes = {"W_emb": (V, embed_size)} if embed_size else {}
+    for layer in range(num_layers):
+        num_inputs = H if layer else (embed_size or V)
+        for W_x, W_h, b in layer_names(cell, layer):
+            shapes.update({W_x: (num_inputs, H), W_h: (H, H), b: (H,)})
+    shapes.update({"W_hq": (H, V), "b_q": (V,)})
+    return shapes
 
 
-def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator,
-                dtype=np.float32) -> dict[str, np.ndarray]:
-    """The book's `get_params`: weights ~ N(0, 0.01^2), biases zero, drawn in the book's order.
+def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator, dtype=np.float32,
+                cell: str = "rnn", num_layers: int = 1, embed_size: int = 0,
+                init: str = "normal") -> dict[str, np.ndarray]:
+    """The book's `get_params`: weights ~ N(0, 0.01^2), biases zero, weights drawn in the book's order.
 
-    Drawn in float64 and then cast, so every dtype and every backend starts from the same weights.
+    `init="uniform"` draws weights from U(-1/sqrt(H), 1/sqrt(H)) instead (torch.nn.RNN/GRU/LSTM's scheme),
+    which deep and gated models train better from. Drawn in float64 and then cast, so every dtype and every
+    backend starts from the same weights.
     """
-    def normal(shape):
-        return (rng.standard_normal(shape) * 0.01).astype(dtype)
+    bound = 1.0 / np.sqrt(num_hiddens)
 
-    shapes = param_shapes(vocab_size, num_hiddens)
-    # weights drawn in the book's order (W_xh, W_hh, W_hq); biases start at zero
-    return {name: normal(shape) if name.startswith("W") else np.zeros(shape, dtype=dtype)
+    def draw(shape):
+        if init == "normal":
+            return (rng.standard_normal(shape) * 0.01).astype(dtype)
+        return rng.uniform(-bound, bound, shape).astype(dtype)
+
+    shapes = param_shapes(vocab_size, num_hiddens, cell, num_layers, embed_size)
+    return {name: draw(shape) if name.startswith("W") else np.zeros(shape, dtype=dtype)
             for name, shape in shapes.items()}
 
+
+def describe(params: dict) -> Arch:
+    """The Arch of a parameter dict (cell, depth and input kind follow from the names present)."""
+    cell = "lstm" if "W_xi" in params else "gru" if "W_xz" in params else "rnn"
+    num_layers = 1
+    while f"W_xh{suffix(num_layers)}" in params or f"W_xi{suffix(num_layers)}" in params:
+        num_layers += 1
+    embed_size = params["W_emb"].shape[1] if "W_emb" in params else 0
+    V, H = params["W_hq"].shape[1], params["W_hq"].shape[0]
+    return Arch(cell, num_layers, embed_size, V, H)
+
+
+def layer_weights(params: dict, cell: str, layer: int, ops) -> tuple:
+    """One layer's gates concatenated: W_x (I, G*H), W_h (H, G*H), b (G*H,)."""
+    names = layer_names(cell, layer)
+    return tuple(ops.cat([params[n[k]] for n in names]) for k in range(3))
+
+
+def split_layer_grads(cell: str, layer: int, dW_x, dW_h, db) -> dict:
+    """Concatenated gradients of one layer back to the per-gate names."""
+    H = dW_h.shape[0]
+    out = {}
+    for g, names in enumerate(layer_names(cell, layer)):
+        cols = slice(g * H, (g + 1) * H)
+        out.update({names[0]: dW_x[:, cols], names[1]: dW_h[:, cols], names[2]: db[cols]})
+    return out
+
+
+# ---- the book's RNN, as its own small functions (used by the fast RNN paths and the benchmark) ----
 
 def one_hot(X: np.ndarray, vocab_size: int, dtype=np.float32) -> np.ndarray:
     """(...,) indices -> (..., V) one-hot rows: the book's input encoding."""
@@ -60,7 +170,35 @@ def output_layer(Hs, W_hq, b_q):
     return Hs.reshape(-1, Hs.shape[-1]) @ W_hq + b_q
 
 
-# ---- numpy only below: the loss and the hand-written backward pass of the reference backend ----
+# ---- one step of each cell, forward; shared by numpy and torch ----
+
+def step(cell: str, XW_t, state: tuple, W_h, ops, phi):
+    """One time step. XW_t (B, G*H) is the input projection with biases, `state` is (H,) or (H, C) for the
+    LSTM. Returns (new state tuple, cache): the cache holds what the numpy backward step needs."""
+    H = state[0]
+    Hn = H.shape[-1]
+    if cell == "rnn":
+        H_new = phi(XW_t + H @ W_h)
+        return (H_new,), (H, H_new)
+    if cell == "gru":
+        ZR = ops.sigmoid(XW_t[:, :2 * Hn] + H @ W_h[:, :2 * Hn])
+        Z, R = ZR[:, :Hn], ZR[:, Hn:]
+        RH = R * H
+        H_tilde = ops.tanh(XW_t[:, 2 * Hn:] + RH @ W_h[:, 2 * Hn:])
+        H_new = Z * H + (1 - Z) * H_tilde
+        return (H_new,), (H, Z, R, RH, H_tilde)
+    C = state[1]
+    A = XW_t + H @ W_h
+    IFO = ops.sigmoid(A[:, :3 * Hn])
+    I, F, O = IFO[:, :Hn], IFO[:, Hn:2 * Hn], IFO[:, 2 * Hn:]
+    C_tilde = ops.tanh(A[:, 3 * Hn:])
+    C_new = F * C + I * C_tilde
+    tanh_C = ops.tanh(C_new)
+    H_new = O * tanh_C
+    return (H_new, C_new), (H, C, I, F, O, C_tilde, tanh_C)
+
+
+# ---- numpy only below: the loss and the hand-written backward step of the reference backend ----
 
 def activation_grad(name: str, H_t: np.ndarray) -> np.ndarray:
     """d phi / d a expressed through the output H_t = phi(a): tanh' = 1 - H^2, relu' = [H > 0]."""
@@ -77,31 +215,39 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nda
     return -log_p[np.arange(len(y)), y], np.exp(log_p)
 
 
-def rnn_backward(params: dict, X: np.ndarray, H0: np.ndarray, Hs: np.ndarray, dlogits: np.ndarray,
-                 activation: str, onehot_input: bool = False) -> dict[str, np.ndarray]:
-    """Backpropagation through time for one minibatch, truncated at H0 (the state is detached there).
+def step_backward(cell: str, cache: tuple, dH: np.ndarray, dC: np.ndarray | None, W_h: np.ndarray,
+                  activation: str):
+    """Back through one step. dH (B, H) [and dC] are the gradients w.r.t. the step's new state.
 
-    X (B, T) inputs, H0 (B, H) initial state, Hs (T, B, H) states from the forward pass,
-    dlogits (T*B, V) gradient of the loss w.r.t. the logits. Returns gradients named like the parameters.
+    Returns dA (B, G*H), the gradient w.r.t. the gates' pre-activations (from which the caller forms the
+    weight gradients), and the gradients w.r.t. the previous state (dH_prev, dC_prev or None).
     """
-    T, B, Hn = Hs.shape
-    H_flat = Hs.reshape(-1, Hn)                               # (T*B, H)
-    grads = {"W_hq": H_flat.T @ dlogits, "b_q": dlogits.sum(axis=0)}
-    dHs = (dlogits @ params["W_hq"].T).reshape(T, B, Hn)      # loss -> each H_t through the output layer
-    dA = np.empty_like(Hs)                                    # (T, B, H) grads of the pre-activations
-    dH_next = np.zeros_like(H0)                               # grad flowing back from step t+1
-    W_hh_T = params["W_hh"].T
-    for t in reversed(range(T)):
-        dA[t] = (dHs[t] + dH_next) * activation_grad(activation, Hs[t])
-        dH_next = dA[t] @ W_hh_T
-    H_prev = np.concatenate([H0[None], Hs[:-1]]).reshape(-1, Hn)  # (T*B, H): H_{t-1} for every step
-    dA_flat = dA.reshape(-1, Hn)
-    grads["W_hh"] = H_prev.T @ dA_flat
-    grads["b_h"] = dA_flat.sum(axis=0)
-    V = params["W_xh"].shape[0]
-    if onehot_input:
-        grads["W_xh"] = one_hot(X.T.reshape(-1), V, Hs.dtype).T @ dA_flat
-    else:
-        grads["W_xh"] = np.zeros_like(params["W_xh"])
-        np.add.at(grads["W_xh"], X.T.reshape(-1), dA_flat)    # scatter-add: rows that were gathered
-    return {name: grads[name] for name in PARAM_NAMES}
+    Hn = dH.shape[-1]
+    if cell == "rnn":
+        _, H_new = cache
+        dA = dH * activation_grad(activation, H_new)
+        return dA, dA @ W_h.T, None
+    if cell == "gru":
+        H, Z, R, RH, H_tilde = cache
+        dA_h = dH * (1 - Z) * (1 - H_tilde * H_tilde)
+        dRH = dA_h @ W_h[:, 2 * Hn:].T
+        dA_z = dH * (H - H_tilde) * Z * (1 - Z)
+        dA_r = dRH * H * R * (1 - R)
+        dA_zr = np.concatenate([dA_z, dA_r], -1)
+        dH_prev = dH * Z + dRH * R + dA_zr @ W_h[:, :2 * Hn].T
+        return np.concatenate([dA_zr, dA_h], -1), dH_prev, None
+    H, C, I, F, O, C_tilde, tanh_C = cache
+    dC = dC + dH * O * (1 - tanh_C * tanh_C)
+    dA = np.concatenate([dC * C_tilde * I * (1 - I), dC * C * F * (1 - F), dH * tanh_C * O * (1 - O),
+                         dC * I * (1 - C_tilde * C_tilde)], -1)
+    return dA, dA @ W_h.T, dC * F
+
+
+def recurrent_inputs(cell: str, caches: list) -> list[tuple[np.ndarray, slice]]:
+    """What multiplies W_h in each step, for the weight gradient: (T, B, H) stacks with the W_h columns
+    they feed. All gates see H_{t-1}, except the GRU candidate, which sees R * H_{t-1}."""
+    H_prev = np.stack([c[0] for c in caches])
+    if cell != "gru":
+        return [(H_prev, slice(None))]
+    Hn = H_prev.shape[-1]
+    return [(H_prev, slice(0, 2 * Hn)), (np.stack([c[3] for c in caches]), slice(2 * Hn, None))]

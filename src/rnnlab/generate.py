@@ -1,6 +1,6 @@
 """Decoding, written once over a step callback: warm up on a prefix, then emit tokens one at a time.
 
-    step(token_ids (B,), state) -> (logits (B, V) numpy, state)
+    step(token_ids (B,), state) -> (logits (B, V) numpy, state)     state: (S, B, ...), batch on axis 1
 
 Greedy decoding (temperature 0) is the book's `predict_ch8`; temperature T > 0 samples from
 softmax(logits / T) with an explicit numpy Generator, so a seed reproduces the text. Any backend, or a fake
@@ -38,7 +38,7 @@ def generate(step, state, prefix_ids, num_preds: int, temperature: float = 0.0,
         raise RnnlabError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and rng is None:
         rng = np.random.default_rng()
-    B = len(state)
+    B = state.shape[1]
     out = np.empty((B, len(prefix_ids) + num_preds), dtype=np.int64)
     out[:, : len(prefix_ids)] = prefix_ids
     # 1) warm up: run the state through every prefix token but the last, ignoring the outputs

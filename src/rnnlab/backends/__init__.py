@@ -4,14 +4,16 @@
 same forward math with autograd, on CPU or CUDA. Both take the parameters as a dict of numpy arrays (so they
 start from identical weights) and expose the same small interface:
 
-    begin_state(batch_size) -> state
-    loss_and_grads(X, Y, state) -> (mean loss, grads dict, new state)   # state detached
+    begin_state(batch_size) -> state (S, B, H), zeros; S = layers (x2 for the LSTM's cell states)
+    loss_and_grads(X, Y, state, masks=None) -> (mean loss, grads dict, new state)   # state detached;
+                                               # masks: (L, T, B, H) dropout masks or None
     nll(X, Y, state) -> (summed loss, new state)                        # no gradients
     step(token_ids, state) -> (logits as numpy (B, V), new state)       # one decoding step
     decoder() -> a `step` callback, possibly precomputed for the current weights
     numpy_params() -> dict of numpy arrays
 
-Gradients are arrays of the backend's own kind, updated in place by the backend-neutral `optim` code.
+The network (cell, depth, input) is read from the parameter names (`cells.describe`). Gradients are
+arrays of the backend's own kind, updated in place by the backend-neutral `optim` code.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
                  onehot_input: bool = False, torch_impl: str = "fused", matmul_dtype: str = "same"):
     """Build a backend holding `params` (numpy arrays, copied).
 
-    On torch, `torch_impl` picks the fused hand-written BPTT (the default, fastest exact path), autograd, or
-    autograd compiled by torch.compile;
+    On torch, `torch_impl` picks the fused hand-written BPTT (the default, fastest exact path; for the book's
+    one-layer RNN only, other networks take autograd), autograd, or autograd compiled by torch.compile;
     `matmul_dtype="bfloat16"` gives the fused path bf16 matmul operands.
     """
     name = resolve(name)
@@ -51,14 +53,16 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
             raise RnnlabError("the numpy backend runs on the CPU in the parameters' dtype only")
         from .numpy_backend import NumpyBackend
         return NumpyBackend(params, activation, onehot_input)
-    if torch_impl == "fused" and not onehot_input:
+    from .. import cells
+    if torch_impl == "fused" and not onehot_input and cells.describe(params).is_book_rnn:
         import torch
 
         from .torch_fused import TorchFusedBackend
         low = torch.bfloat16 if matmul_dtype == "bfloat16" else None
         return TorchFusedBackend(params, activation, device, low)
     if matmul_dtype != "same":
-        raise RnnlabError("--matmul-dtype bfloat16 needs --torch-impl fused")
+        raise RnnlabError("--matmul-dtype bfloat16 needs --torch-impl fused and the book's model "
+                          "(one RNN layer, one-hot input)")
     if torch_impl == "compile" and not onehot_input:
         from .torch_compiled import TorchCompiledBackend
         return TorchCompiledBackend(params, activation, device)

@@ -1,6 +1,6 @@
 """The torch backend: the same forward math as the reference, differentiated by autograd, on CPU or CUDA.
 
-Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
+Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens, S = state slices.
 Parameters are plain tensors (no requires_grad); each training step differentiates detached leaf views of
 them, so the backend-neutral optimizer can update them in place like numpy arrays.
 """
@@ -10,10 +10,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import cells
+from .. import cells, network
 from ..errors import RnnlabError
 
 _PHI = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+class TorchOps:
+    """The elementwise functions of `cells.step`, for torch tensors."""
+    tanh = staticmethod(torch.tanh)
+    sigmoid = staticmethod(torch.sigmoid)
+    relu = staticmethod(torch.relu)
+    stack = staticmethod(torch.stack)
+    unbind = staticmethod(torch.unbind)
+    cat = staticmethod(lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, -1))
+    one_hot = staticmethod(lambda X, vocab_size, like: F.one_hot(X, vocab_size).to(like.dtype))
 
 
 def _device(name: str) -> torch.device:
@@ -33,48 +44,49 @@ class TorchBackend:
                  onehot_input: bool = False):
         self.device = _device(device)
         self.params = {k: torch.tensor(np.asarray(v), device=self.device) for k, v in params.items()}
+        self.arch = cells.describe(self.params)
         self.phi = _PHI[activation]
         self.onehot_input = onehot_input
 
     @property
     def dtype(self):
-        return self.params["W_hh"].dtype
+        return self.params["W_hq"].dtype
 
     def begin_state(self, batch_size: int) -> torch.Tensor:
-        return torch.zeros((batch_size, self.params["W_hh"].shape[0]), dtype=self.dtype, device=self.device)
+        """Zeros, (S, B, H)."""
+        return torch.zeros((self.arch.num_state_slices, batch_size, self.arch.num_hiddens), dtype=self.dtype,
+                           device=self.device)
 
     def _tensor(self, X) -> torch.Tensor:
         return torch.as_tensor(np.asarray(X, dtype=np.int64), device=self.device)
 
-    def forward(self, p: dict, X: torch.Tensor, H: torch.Tensor):
-        """X (B, T) indices, H (B, H) -> logits (T*B, V) and the final state."""
-        if self.onehot_input:
-            XW = F.one_hot(X.T, p["W_xh"].shape[0]).to(self.dtype) @ p["W_xh"]  # (T, B, V) @ (V, H)
-        else:
-            XW = cells.input_projection(p["W_xh"], X)                           # (T, B, H)
-        Hs = []
-        for XW_t in XW.unbind(0):   # unbind, not XW[t]: indexing's backward zero-fills all of XW per step
-            H = cells.rnn_step(XW_t, H, p["W_hh"], p["b_h"], self.phi)
-            Hs.append(H)
-        return cells.output_layer(torch.stack(Hs), p["W_hq"], p["b_q"]), H
+    def _masks(self, masks) -> torch.Tensor | None:
+        """Dropout masks (L, T, B, H) drawn by the caller in numpy, as tensors of the model's dtype."""
+        return None if masks is None else torch.as_tensor(masks, dtype=self.dtype, device=self.device)
 
-    def loss_and_grads(self, X, Y, state):
+    def forward(self, p: dict, X: torch.Tensor, state: torch.Tensor, masks=None):
+        """X (B, T) indices, state (S, B, H) -> logits (T*B, V) and the final state."""
+        logits, new_state, _ = network.forward(p, X, state, self.arch, TorchOps, self.phi, masks,
+                                               self.onehot_input)
+        return logits, new_state
+
+    def loss_and_grads(self, X, Y, state, masks=None):
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
-        logits, H = self.forward(leaves, self._tensor(X), state)
+        logits, new_state = self.forward(leaves, self._tensor(X), state, self._masks(masks))
         loss = F.cross_entropy(logits, self._tensor(Y).T.reshape(-1))
         grads = torch.autograd.grad(loss, list(leaves.values()))
-        return float(loss.detach()), dict(zip(leaves, grads)), H.detach()
+        return float(loss.detach()), dict(zip(leaves, grads)), new_state.detach()
 
     @torch.inference_mode()
     def nll(self, X, Y, state):
-        logits, H = self.forward(self.params, self._tensor(X), state)
+        logits, new_state = self.forward(self.params, self._tensor(X), state)
         loss = F.cross_entropy(logits.double(), self._tensor(Y).T.reshape(-1), reduction="sum")
-        return float(loss), H
+        return float(loss), new_state
 
     @torch.inference_mode()
     def step(self, token_ids, state):
-        logits, H = self.forward(self.params, self._tensor(token_ids).reshape(-1, 1), state)
-        return logits.cpu().numpy(), H
+        logits, new_state = self.forward(self.params, self._tensor(token_ids).reshape(-1, 1), state)
+        return logits.cpu().numpy(), new_state
 
     def decoder(self):
         """A `generate` step callback (the same interface as the numpy backend's)."""

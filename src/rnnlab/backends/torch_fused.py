@@ -2,7 +2,8 @@
 
 Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
 
-Same equations as `cells.rnn_backward`, arranged for speed:
+For the book's model only (one RNN layer on one-hot input). Same equations as the reference's backward
+pass (`network.backward`), arranged for speed:
   - the input projection W_xh[x_t] + b_h is gathered for all T steps at once;
   - the per-step loop does only what must be sequential: one matmul and the activation going forward,
     one matmul and one multiply going back, all in place in preallocated (T+1, B, H) buffers;
@@ -69,10 +70,13 @@ class TorchFusedBackend(TorchBackend):
                 low[t].copy_(states[t])
         return states
 
-    def loss_and_grads(self, X, Y, state):
+    def loss_and_grads(self, X, Y, state, masks=None):
+        """As the reference's; `state` is (1, B, H). Dropout needs more than one layer, so no masks."""
+        if masks is not None:
+            raise ValueError("the fused path has no dropout sites")
         p = self.params
         X, y = self._tensor(X), self._tensor(Y).T.reshape(-1)        # y (T*B,) time-major
-        states = self._forward_states(X, state)
+        states = self._forward_states(X, state[0])
         T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
         Hs = states[1:].reshape(T * B, H)
         # 1) output layer and loss over all T*B rows at once
@@ -108,4 +112,4 @@ class TorchFusedBackend(TorchBackend):
         grads["W_hh"] = self._mm(states[:-1].reshape(T * B, H).T, dA_flat)
         grads["b_h"] = dA_flat.sum(0)
         grads["W_xh"] = torch.zeros_like(p["W_xh"]).index_add_(0, X.T.reshape(-1), dA_flat)
-        return float(loss), {k: grads[k] for k in p}, states[-1].clone()
+        return float(loss), {k: grads[k] for k in p}, states[-1:].clone()
