@@ -66,7 +66,8 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    """Every file under `directory` (best/ included), by relative path."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def weights_files(directory: Path) -> list[Path]:
@@ -200,7 +201,9 @@ def test_train_writes_run_directory(trained):
     assert {"metrics.jsonl", "checkpoint.json", "perplexity.png"} <= names
     weights = weights_files(trained.out)
     assert len(weights) == 1
-    assert names == {"metrics.jsonl", "checkpoint.json", "perplexity.png", weights[0].name}
+    best = weights_files(trained.out / "best")
+    assert names == {"metrics.jsonl", "checkpoint.json", "perplexity.png", weights[0].name,
+                     "best/checkpoint.json", f"best/{best[0].name}"}
     assert trained.files["perplexity.png"].startswith(b"\x89PNG\r\n\x1a\n")
 
     records = read_metrics(trained.out)

@@ -108,10 +108,13 @@ def test_too_short_corpus_says_how_many_tokens(tmp_path):
 def test_prepare_out_refuses_to_clobber(tmp_path):
     run = run_with(num_epochs=2)
     train.fit(run, tmp_path, progress=False, log=lambda s: None)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    def files():
+        return {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = files()
+    assert tmp_path / "best" / "checkpoint.json" in before
     with pytest.raises(RnnlabError, match="already holds a run"):
         train.prepare_out(tmp_path, overwrite=False)
-    assert before == {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert before == files()
     train.prepare_out(tmp_path, overwrite=True)
     assert not list(tmp_path.iterdir())
 
@@ -126,7 +129,7 @@ class RecordingBackend:
     def begin_state(self, batch_size):
         return np.zeros((batch_size, 2))
 
-    def loss_and_grads(self, X, Y, state):
+    def loss_and_grads(self, X, Y, state, masks=None):
         self.received.append(state.copy())
         new = np.full((X.shape[0], 2), float(len(self.received)))
         self.returned.append(new)

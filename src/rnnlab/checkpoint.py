@@ -4,7 +4,8 @@ A checkpoint directory holds
 
     checkpoint.json                      config, vocab, epoch, RNG state, optimizer state, data identity,
                                          and the name and SHA-256 of the weights file
-    weights-e000500-<hash>.safetensors   the parameters, under the book's names
+    weights-e000500-<hash>.safetensors   the parameters, under the book's names, and the optimizer's
+                                         buffers (momentum, Adam moments) as "optimizer.<buffer>.<name>"
 
 The weights file is named by its content and written first; `checkpoint.json` is then replaced
 atomically. A crash at any point leaves `checkpoint.json` naming a complete weights file: the new
@@ -37,15 +38,19 @@ class Checkpoint:
     vocab: list[str]                  # idx_to_token
     epoch: int
     rng_state: dict | None = None     # numpy bit_generator.state of the data-order generator
-    optimizer: dict = field(default_factory=lambda: {"name": "sgd", "state": {}})
+    optimizer: dict = field(default_factory=lambda: {"name": "sgd", "t": 0})
     extra: dict = field(default_factory=dict)   # data identity, backend, last metrics, ...
+    optimizer_arrays: dict[str, np.ndarray] = field(default_factory=dict)   # '<buffer>.<param>' -> array
+
+OPTIMIZER_PREFIX = "optimizer."
 
 
 def save(directory, ckpt: Checkpoint) -> Path:
     """Write `ckpt` into `directory` atomically; returns the path of checkpoint.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    blob = st_save({k: np.ascontiguousarray(v) for k, v in ckpt.params.items()})
+    arrays = {**ckpt.params, **{OPTIMIZER_PREFIX + k: v for k, v in ckpt.optimizer_arrays.items()}}
+    blob = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
     digest = hashlib.sha256(blob).hexdigest()
     weights_name = f"weights-e{ckpt.epoch:06d}-{digest[:12]}.safetensors"
     atomic_write_bytes(directory / weights_name, blob)
@@ -92,15 +97,18 @@ def load(directory) -> Checkpoint:
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
         raise _corrupt(weights_path, "SHA-256 does not match checkpoint.json")
     try:
-        params = st_load(blob)
+        arrays = st_load(blob)
     except (SafetensorError, ValueError) as e:
         raise _corrupt(weights_path, str(e)) from None
+    params = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    optimizer_arrays = {k[len(OPTIMIZER_PREFIX):]: v for k, v in arrays.items() if k.startswith(OPTIMIZER_PREFIX)}
     known = {"format", "version", "weights", "weights_sha256", "epoch", "config", "vocab", "rng_state",
              "optimizer"}
     try:
         return Checkpoint(params=params, config=meta["config"], vocab=meta["vocab"], epoch=int(meta["epoch"]),
                           rng_state=meta.get("rng_state"), optimizer=meta.get("optimizer", {}),
-                          extra={k: v for k, v in meta.items() if k not in known})
+                          extra={k: v for k, v in meta.items() if k not in known},
+                          optimizer_arrays=optimizer_arrays)
     except (KeyError, TypeError, ValueError) as e:
         raise _corrupt(meta_path, f"missing or bad field {e}") from None
 
@@ -118,7 +126,8 @@ def read_configs(ckpt: Checkpoint, where="checkpoint"):
         vocab = Vocab.from_tokens_list(ckpt.vocab, ckpt.extra.get("vocab_token_freqs", ()))
     except (KeyError, TypeError, ValueError, RnnlabError) as e:
         raise _corrupt(where, f"bad config or vocabulary ({e})") from None
-    expected = cells.param_shapes(len(vocab), model_cfg.num_hiddens)
+    expected = cells.param_shapes(len(vocab), model_cfg.num_hiddens, model_cfg.cell, model_cfg.num_layers,
+                                  model_cfg.embed_size)
     shapes = {k: tuple(v.shape) for k, v in ckpt.params.items()}
     if shapes != expected:
         raise _corrupt(where, f"weights {shapes} do not match the config {expected}")
@@ -141,5 +150,5 @@ def load_model(directory, backend: str = "auto", device: str = "cpu") -> LoadedM
 
     ckpt = load(directory)
     data_cfg, model_cfg, _, vocab = read_configs(ckpt, directory)
-    return LoadedModel(make_backend(backend, ckpt.params, model_cfg.activation, device), vocab, data_cfg,
-                       model_cfg, ckpt)
+    return LoadedModel(make_backend(backend, ckpt.params, model_cfg.activation, device,
+                                    dropout=model_cfg.dropout), vocab, data_cfg, model_cfg, ckpt)

@@ -41,11 +41,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network: the book's scratch RNN."""
+    """The network. The defaults are the book's scratch RNN: one tanh layer on one-hot input."""
 
-    cell: str = option("rnn", "recurrent cell", choices=("rnn",))
-    num_hiddens: int = option(512, "hidden units H")
-    activation: str = option("tanh", "hidden-state nonlinearity", choices=("tanh", "relu"))
+    cell: str = option("rnn", "recurrent cell: the book's RNN, GRU or LSTM", choices=("rnn", "gru", "lstm"))
+    num_hiddens: int = option(512, "hidden units H (per layer)")
+    num_layers: int = option(1, "stacked recurrent layers")
+    embed_size: int = option(0, "0: one-hot input (the book); N: a learned N-dimensional embedding")
+    dropout: float = option(0.0, "dropout between layers and before the output layer (not on the "
+                                 "recurrent connections) while training")
+    activation: str = option("tanh", "hidden-state nonlinearity of the RNN cell", choices=("tanh", "relu"))
+    init: str = option("normal", "initial weights: normal = the book's N(0, 0.01^2); uniform = "
+                                 "U(-1/sqrt(H), 1/sqrt(H)) as torch.nn's recurrent layers",
+                       choices=("normal", "uniform"))
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,24 @@ class TrainConfig:
 
     batch_size: int = option(32, "minibatch size B")
     num_steps: int = option(35, "time steps T per minibatch (truncated BPTT length)")
-    lr: float = option(1.0, "SGD learning rate")
-    theta: float = option(1.0, "clip gradients to this global L2 norm (0: no clipping)", flag="clip")
+    lr: float = option(1.0, "learning rate (the peak, with a schedule)")
+    theta: float = option(1.0, "clipping threshold: the global L2 norm, or each element with --clip-mode "
+                               "value (0: no clipping)", flag="clip")
+    clip_mode: str = option("norm", "norm: scale all gradients to global norm --clip (the book); value: clip "
+                                    "each element to [-clip, clip]", choices=("norm", "value"))
+    optimizer: str = option("sgd", "sgd (the book), momentum, adam or adamw",
+                            choices=("sgd", "momentum", "adam", "adamw"))
+    momentum: float = option(0.9, "momentum coefficient for --optimizer momentum")
+    weight_decay: float = option(0.0, "weight decay of the W_* matrices: L2 added to the gradient, or "
+                                      "decoupled with adamw")
+    schedule: str = option("constant", "learning-rate schedule after warm-up: constant, step (x --lr-gamma "
+                                       "every --lr-step-size epochs) or cosine (to 0 at --num-epochs)",
+                           choices=("constant", "step", "cosine"))
+    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up from 0")
+    lr_step_size: int = option(10, "epochs between decays of the step schedule")
+    lr_gamma: float = option(0.5, "decay factor of the step schedule")
+    patience: int = option(0, "early stopping: stop after this many evaluations without a better held-out "
+                              "loss (0: never); the best model is kept in OUT/best either way")
     num_epochs: int = option(500, "train up to this epoch (with --resume: continue up to it)")
     sampling: str = option("sequential", "minibatch sampling: sequential partitioning carries the hidden "
                                          "state across minibatches; random re-initialises it each minibatch",
@@ -97,19 +120,33 @@ class GenerateConfig:
 RUN_DEFINING = {
     "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "data_dir"),
     "model": tuple(f.name for f in dataclasses.fields(ModelConfig)),
-    "train": ("batch_size", "num_steps", "lr", "theta", "sampling", "seed", "dtype"),
+    "train": ("batch_size", "num_steps", "lr", "theta", "clip_mode", "optimizer", "momentum", "weight_decay",
+              "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "seed", "dtype"),
 }
 
 
 def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
     """Raise RnnlabError with one clear line for sizes a run cannot use."""
-    positive = {"--num-hiddens": model.num_hiddens, "--batch-size": train.batch_size,
+    positive = {"--num-hiddens": model.num_hiddens, "--num-layers": model.num_layers,
+                "--lr-step-size": train.lr_step_size, "--lr-gamma": train.lr_gamma,
+                "--batch-size": train.batch_size,
                 "--num-steps": train.num_steps, "--num-epochs": train.num_epochs,
                 "--log-every": train.log_every, "--lr": train.lr}
     for flag, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
             raise RnnlabError(f"{flag} must be positive, got {value}")
     _non_negative("--clip", train.theta)
+    _non_negative("--embed-size", model.embed_size)
+    _non_negative("--weight-decay", train.weight_decay)
+    _non_negative("--warmup-epochs", train.warmup_epochs)
+    _non_negative("--patience", train.patience)
+    if not 0.0 <= model.dropout < 1.0:
+        raise RnnlabError(f"--dropout must be in [0, 1), got {model.dropout}")
+    if not 0.0 <= train.momentum < 1.0:
+        raise RnnlabError(f"--momentum must be in [0, 1), got {train.momentum}")
+    if model.activation != "tanh" and model.cell != "rnn":
+        raise RnnlabError(f"--activation {model.activation} applies to the rnn cell; the {model.cell} "
+                          "keeps its own sigmoid and tanh")
     _non_negative("--num-preds", train.num_preds)
     _non_negative("--seed", train.seed)
     if not 0.0 < data.val_fraction < 1.0:

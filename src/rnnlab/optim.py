@@ -1,9 +1,18 @@
-"""Gradient clipping and SGD, written once for every backend.
+"""Clipping, optimizers and learning-rate schedules, written once for every backend.
 
 They use only elementwise arithmetic, `.sum()` and in-place updates, which numpy arrays and torch tensors
-share, so the reference and the fast backends run literally the same update code.
+share, so the reference and the fast backends run literally the same update code. Optimizer buffers are
+arrays of the parameters' own kind; `state_dict` turns them into numpy arrays for the checkpoint.
 """
 from __future__ import annotations
+
+import math
+
+import numpy as np
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+CLIP_MODES = ("norm", "value")
 
 
 def grad_norm(grads: dict) -> float:
@@ -25,7 +34,149 @@ def clip_grad_norm(grads: dict, theta: float) -> tuple[float, bool]:
     return norm, False
 
 
+def clip_grad_value(grads: dict, theta: float) -> tuple[float, bool]:
+    """Clip every gradient element to [-theta, theta] (theta = 0: never). Returns the norm before
+    clipping and whether any element was clipped."""
+    norm = grad_norm(grads)
+    if theta <= 0:
+        return norm, False
+    clipped = False
+    for g in grads.values():
+        clipped = clipped or bool((abs(g) > theta).any())
+        if isinstance(g, np.ndarray):
+            np.clip(g, -theta, theta, out=g)
+        else:
+            g.clamp_(-theta, theta)
+    return norm, clipped
+
+
+def clip(grads: dict, theta: float, mode: str = "norm") -> tuple[float, bool]:
+    """Clip by global norm (the book) or per element."""
+    return clip_grad_value(grads, theta) if mode == "value" else clip_grad_norm(grads, theta)
+
+
 def sgd(params: dict, grads: dict, lr: float) -> None:
     """The book's `sgd` with batch_size=1 (the loss is already a mean): param -= lr * grad, in place."""
     for name, p in params.items():
         p -= lr * grads[name]
+
+
+def _zeros_like(p):
+    return p.new_zeros(p.shape) if hasattr(p, "new_zeros") else np.zeros_like(p)
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy().copy() if hasattr(x, "detach") else np.array(x, copy=True)
+
+
+def _like(array: np.ndarray, p):
+    """A numpy array as a buffer of the same kind, dtype and device as parameter `p`."""
+    if hasattr(p, "new_tensor"):
+        return p.new_tensor(array)
+    return np.asarray(array, dtype=p.dtype).copy()
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to weight matrices (W_*), not to biases."""
+    return name.startswith("W")
+
+
+class Optimizer:
+    """Updates parameters in place from their gradients. `weight_decay` adds wd * W to the gradient of
+    every weight matrix (L2), except in AdamW, which shrinks the weights directly (decoupled)."""
+    name = "sgd"
+    buffers: tuple[str, ...] = ()
+
+    def __init__(self, weight_decay: float = 0.0, momentum: float = 0.9, betas=(0.9, 0.999), eps=1e-8):
+        self.weight_decay, self.momentum, self.betas, self.eps = weight_decay, momentum, betas, eps
+        self.t = 0                                   # updates taken
+        self.state: dict[str, dict] = {b: {} for b in self.buffers}
+
+    def step(self, params: dict, grads: dict, lr: float) -> None:
+        self.t += 1
+        for name, p in params.items():
+            g = grads[name]
+            if self.weight_decay and decays(name) and self.name != "adamw":
+                g = g + self.weight_decay * p
+            self.update(name, p, g, lr)
+
+    def update(self, name, p, g, lr):
+        p -= lr * g
+
+    def _buffer(self, kind: str, name: str, p):
+        buf = self.state[kind].get(name)
+        if buf is None:
+            buf = self.state[kind][name] = _zeros_like(p)
+        return buf
+
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-ready metadata, numpy arrays named '<buffer>.<param>') for a checkpoint."""
+        arrays = {f"{kind}.{name}": _to_numpy(v) for kind, bufs in self.state.items() for name, v in bufs.items()}
+        return {"name": self.name, "t": self.t}, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray], params: dict) -> None:
+        self.t = int(meta.get("t", 0))
+        for key, array in arrays.items():
+            kind, name = key.split(".", 1)
+            if kind not in self.state or name not in params or array.shape != tuple(params[name].shape):
+                raise ValueError(f"optimizer buffer {key!r} does not fit the parameters")
+            self.state[kind][name] = _like(array, params[name])
+
+
+class Momentum(Optimizer):
+    """SGD with heavy-ball momentum: v = mu v + g; W -= lr v."""
+    name = "momentum"
+    buffers = ("velocity",)
+
+    def update(self, name, p, g, lr):
+        v = self._buffer("velocity", name, p)
+        v *= self.momentum
+        v += g
+        p -= lr * v
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba): bias-corrected running means of g and g^2."""
+    name = "adam"
+    buffers = ("m", "v")
+
+    def update(self, name, p, g, lr):
+        b1, b2 = self.betas
+        m, v = self._buffer("m", name, p), self._buffer("v", name, p)
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        step = lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        p -= step * m / ((v ** 0.5) + self.eps * math.sqrt(1 - b2 ** self.t))
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): W -= lr * wd * W, then the Adam step."""
+    name = "adamw"
+
+    def update(self, name, p, g, lr):
+        if self.weight_decay and decays(name):
+            p -= (lr * self.weight_decay) * p
+        super().update(name, p, g, lr)
+
+
+def make_optimizer(name: str, weight_decay: float = 0.0, momentum: float = 0.9) -> Optimizer:
+    classes = {"sgd": Optimizer, "momentum": Momentum, "adam": Adam, "adamw": AdamW}
+    return classes[name](weight_decay=weight_decay, momentum=momentum)
+
+
+def lr_at(lr: float, epoch: float, num_epochs: int, schedule: str = "constant", warmup_epochs: float = 0.0,
+          step_size: int = 1, gamma: float = 0.1, min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of the update that completes `epoch` (fractional) epochs of training: a linear
+    warm-up over `warmup_epochs`, then constant, step decay (x gamma every step_size epochs) or cosine
+    decay to min_lr_ratio * lr at num_epochs."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    if schedule == "step":
+        return lr * gamma ** int((epoch - warmup_epochs) // step_size)
+    if schedule == "cosine":
+        span = max(num_epochs - warmup_epochs, 1e-12)
+        progress = min(max((epoch - warmup_epochs) / span, 0.0), 1.0)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr

@@ -4,11 +4,15 @@ Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
 
 One epoch is the book's `train_epoch_ch8`: for each (X, Y) minibatch, a fresh zero state when sampling is
 random (or at the start of the epoch), otherwise the previous minibatch's final state, detached; mean
-cross-entropy over the T*B predictions; gradients clipped to global norm theta; SGD. Train perplexity is
-exp of the token-weighted mean loss over the epoch.
+cross-entropy over the T*B predictions; gradients clipped (global norm theta, the book's, or per element);
+an update (SGD, the book's, or momentum / Adam / AdamW at the scheduled learning rate). Dropout masks are
+drawn from the run's data-order generator. Train perplexity is exp of the token-weighted mean loss over
+the epoch.
 
 Every `log_every` epochs (and at the last) the held-out split is scored as one stream, greedy samples are
-drawn, and, with an output directory, metrics.jsonl, the checkpoint and the plot are rewritten atomically.
+drawn, and, with an output directory, metrics.jsonl, the checkpoint and the plot are rewritten atomically;
+a held-out loss better than every earlier one also writes OUT/best. With `patience`, training stops after
+that many evaluations without a better held-out loss.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import cells, checkpoint, corpora, evaluate, generate, optim, samplers, text
+from . import cells, checkpoint, corpora, evaluate, generate, network, optim, samplers, text
 from .backends import make_backend
 from .config import RUN_DEFINING, DataConfig, ModelConfig, TrainConfig, to_dict, validate_sizes
 from .errors import RnnlabError
@@ -30,6 +34,7 @@ from .fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "perplexity.png"
+BEST_DIR = "best"
 
 
 @dataclass
@@ -61,10 +66,13 @@ class Run:
     train_cfg: TrainConfig
     dataset: Dataset
     backend: object
-    rng: np.random.Generator          # data order: sampler offsets and shuffles
+    rng: np.random.Generator          # data order: sampler offsets, shuffles and dropout masks
+    optimizer: optim.Optimizer
     epoch: int = 0
     elapsed_s: float = 0.0            # wall time of all sessions of this run, evaluation included
     records: list[dict] = field(default_factory=list)
+    best_val_nats: float = math.inf   # best held-out loss so far (nats per token)
+    evals_since_best: int = 0         # evaluations since then, for early stopping
 
 
 def _generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -81,16 +89,26 @@ def _check_trainable(dataset: Dataset, cfg: TrainConfig) -> None:
             f"{cfg.num_steps} with {cfg.sampling} sampling needs at least {needed}")
 
 
+def _backend(params, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    return make_backend(train_cfg.backend, params, model_cfg.activation, train_cfg.device,
+                        torch_impl=train_cfg.torch_impl, matmul_dtype=train_cfg.matmul_dtype,
+                        dropout=model_cfg.dropout)
+
+
+def _optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    return optim.make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum)
+
+
 def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
-    """Load the data and initialise the book's parameters from the seed."""
+    """Load the data and initialise the parameters from the seed (the book's scheme by default)."""
     validate_sizes(data_cfg, model_cfg, train_cfg)
     dataset = load_dataset(data_cfg)
     _check_trainable(dataset, train_cfg)
     init_rng, data_rng = _generators(train_cfg.seed)
-    params = cells.init_params(len(dataset.vocab), model_cfg.num_hiddens, init_rng, np.dtype(train_cfg.dtype))
-    backend = make_backend(train_cfg.backend, params, model_cfg.activation, train_cfg.device,
-                           torch_impl=train_cfg.torch_impl, matmul_dtype=train_cfg.matmul_dtype)
-    return Run(data_cfg, model_cfg, train_cfg, dataset, backend, data_rng)
+    params = cells.init_params(len(dataset.vocab), model_cfg.num_hiddens, init_rng, np.dtype(train_cfg.dtype),
+                               model_cfg.cell, model_cfg.num_layers, model_cfg.embed_size, model_cfg.init)
+    return Run(data_cfg, model_cfg, train_cfg, dataset, _backend(params, model_cfg, train_cfg), data_rng,
+               _optimizer(train_cfg))
 
 
 def resume_run(out, data: dict | None = None, model: dict | None = None, train: dict | None = None) -> Run:
@@ -121,11 +139,17 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
         rng.bit_generator.state = ckpt.rng_state
     except (TypeError, ValueError, KeyError):
         raise RnnlabError(f"corrupt checkpoint {out}: bad RNG state") from None
-    backend = make_backend(train_cfg.backend, ckpt.params, model_cfg.activation, train_cfg.device,
-                           torch_impl=train_cfg.torch_impl, matmul_dtype=train_cfg.matmul_dtype)
+    backend = _backend(ckpt.params, model_cfg, train_cfg)
+    optimizer = _optimizer(train_cfg)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer, ckpt.optimizer_arrays, backend.params)
+    except (TypeError, ValueError) as e:
+        raise RnnlabError(f"corrupt checkpoint {out}: {e}") from None
     records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
-    return Run(data_cfg, model_cfg, train_cfg, dataset, backend, rng, ckpt.epoch,
-               float(ckpt.extra.get("elapsed_s", 0.0)), records)
+    best = ckpt.extra.get("best_val_nats")
+    return Run(data_cfg, model_cfg, train_cfg, dataset, backend, rng, optimizer, ckpt.epoch,
+               float(ckpt.extra.get("elapsed_s", 0.0)), records, math.inf if best is None else float(best),
+               int(ckpt.extra.get("evals_since_best", 0)))
 
 
 @dataclass
@@ -146,16 +170,30 @@ class EpochStats:
         return math.exp(nats) if nats < 700 else math.inf
 
 
-def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> EpochStats:
-    """One pass over the training split (the book's `train_epoch_ch8`)."""
+def learning_rate(cfg: TrainConfig, epoch: float) -> float:
+    """The scheduled learning rate of the update that completes `epoch` (fractional) epochs."""
+    return optim.lr_at(cfg.lr, epoch, cfg.num_epochs, cfg.schedule, cfg.warmup_epochs, cfg.lr_step_size,
+                       cfg.lr_gamma)
+
+
+def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
+                optimizer: optim.Optimizer | None = None, epoch: int = 0, dropout: float = 0.0) -> EpochStats:
+    """One pass over the training split (the book's `train_epoch_ch8`); `epoch` counts the epochs done
+    before this one, for the learning-rate schedule. Without an optimizer, the book's SGD."""
     stats, state = EpochStats(), None
+    optimizer = optimizer or optim.Optimizer()
+    arch = getattr(backend, "arch", None)
+    approx_batches = max((len(corpus) - 1) // (cfg.batch_size * cfg.num_steps), 1)
     start = time.perf_counter()
     for X, Y in samplers.batches(corpus, cfg.batch_size, cfg.num_steps, cfg.sampling, rng):
         if state is None or cfg.sampling == "random":
             state = backend.begin_state(X.shape[0])
-        loss, grads, state = backend.loss_and_grads(X, Y, state)   # state comes back detached
-        _, clipped = optim.clip_grad_norm(grads, cfg.theta)
-        optim.sgd(backend.params, grads, cfg.lr)
+        masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens,
+                                      np.dtype(cfg.dtype)) if dropout else None
+        loss, grads, state = backend.loss_and_grads(X, Y, state, masks)   # state comes back detached
+        _, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
+        progress = epoch + min((stats.steps + 1) / approx_batches, 1.0)
+        optimizer.step(backend.params, grads, learning_rate(cfg, progress))
         stats.nll_sum += loss * Y.size
         stats.tokens += Y.size
         stats.steps += 1
@@ -188,6 +226,7 @@ def make_record(run: Run, epoch: EpochStats, window: EpochStats, val: dict, samp
             "val_bpc": _finite(bits) if run.data_cfg.token == "char" else None,
             "val_bits_per_token": _finite(bits), "val_tokens": val["tokens"],
             "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+            "lr": learning_rate(run.train_cfg, run.epoch),
             "clip_frac": window.clipped / max(window.steps, 1), "elapsed_s": round(run.elapsed_s, 3),
             "samples": sample_text}
 
@@ -215,9 +254,10 @@ def read_metrics(out) -> list[dict]:
             from None
 
 
-def save_run(run: Run, out) -> None:
+def save_run(run: Run, out, best: bool = False) -> None:
     """Metrics, checkpoint and plot, each written atomically. Metrics go first: a crash between the two
-    leaves metrics one record ahead, which resuming drops, rather than a checkpoint whose record is lost."""
+    leaves metrics one record ahead, which resuming drops, rather than a checkpoint whose record is lost.
+    With `best`, the same checkpoint is also written to OUT/best (the model early stopping keeps)."""
     from .plots import plot_perplexity
     out = Path(out)
     cfg = {"data": to_dict(run.data_cfg), "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg)}
@@ -225,11 +265,16 @@ def save_run(run: Run, out) -> None:
              "train_tokens": len(run.dataset.train), "val_tokens": len(run.dataset.val),
              "backend": run.backend.name, "elapsed_s": run.elapsed_s,
              "metrics": run.records[-1] if run.records else None,
+             "best_val_nats": _finite(run.best_val_nats), "evals_since_best": run.evals_since_best,
              "vocab_token_freqs": [list(tf) for tf in run.dataset.vocab.token_freqs]}
     atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in run.records))
-    checkpoint.save(out, checkpoint.Checkpoint(
+    opt_meta, opt_arrays = run.optimizer.state_dict()
+    ckpt = checkpoint.Checkpoint(
         params=run.backend.numpy_params(), config=cfg, vocab=run.dataset.vocab.idx_to_token, epoch=run.epoch,
-        rng_state=run.rng.bit_generator.state, extra=extra))
+        rng_state=run.rng.bit_generator.state, optimizer=opt_meta, extra=extra, optimizer_arrays=opt_arrays)
+    checkpoint.save(out, ckpt)
+    if best:
+        checkpoint.save(out / BEST_DIR, ckpt)
     plot_perplexity(run.records, out / PLOT_FILE, title=f"{run.data_cfg.corpus}: {run.model_cfg.cell}, "
                                                         f"H={run.model_cfg.num_hiddens}")
 
@@ -243,10 +288,13 @@ def prepare_out(out, overwrite: bool) -> None:
         if not overwrite:
             raise RnnlabError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                               "replace it, or choose another --out")
-        for name in [checkpoint.META_FILE, METRICS_FILE, PLOT_FILE]:
-            (out / name).unlink(missing_ok=True)
-        for old in [*out.glob("weights-e*.safetensors"), *out.glob(".*.tmp")]:
-            old.unlink()
+        for folder in (out, out / BEST_DIR):
+            for name in [checkpoint.META_FILE, METRICS_FILE, PLOT_FILE]:
+                (folder / name).unlink(missing_ok=True)
+            for old in [*folder.glob("weights-e*.safetensors"), *folder.glob(".*.tmp")]:
+                old.unlink()
+        if (out / BEST_DIR).is_dir() and not any((out / BEST_DIR).iterdir()):
+            (out / BEST_DIR).rmdir()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -267,7 +315,8 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
     session_start, elapsed_before = time.perf_counter(), run.elapsed_s
     try:
         while run.epoch < cfg.num_epochs:
-            stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng)
+            stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
+                                run.model_cfg.dropout)
             run.epoch += 1
             bar.update(1)
             bar.set_postfix(ppl=f"{stats.ppl:.3f}")
@@ -277,12 +326,21 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
                                   "try a smaller --lr or turn clipping on with --clip")
             if run.epoch % cfg.log_every == 0 or run.epoch == cfg.num_epochs:
                 val = evaluate.score_stream(run.backend, run.dataset.val)
+                improved = val["nats_per_token"] < run.best_val_nats
+                if improved:
+                    run.best_val_nats, run.evals_since_best = val["nats_per_token"], 0
+                else:
+                    run.evals_since_best += 1
                 run.elapsed_s = elapsed_before + time.perf_counter() - session_start
                 run.records.append(make_record(run, stats, window, val, samples(run)))
                 log(format_record(run.records[-1]))
                 if out is not None:
-                    save_run(run, out)
+                    save_run(run, out, best=improved)
                 window = EpochStats()
+                if cfg.patience and run.evals_since_best >= cfg.patience:
+                    log(f"early stop at epoch {run.epoch}: no better held-out loss in {cfg.patience} "
+                        f"evaluations (best {math.exp(run.best_val_nats):.3f} ppl, kept in {BEST_DIR}/)")
+                    break
     finally:
         bar.close()
     return run.records

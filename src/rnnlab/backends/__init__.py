@@ -40,11 +40,13 @@ def resolve(name: str) -> str:
 
 
 def make_backend(name: str, params: dict, activation: str = "tanh", device: str = "cpu",
-                 onehot_input: bool = False, torch_impl: str = "fused", matmul_dtype: str = "same"):
+                 onehot_input: bool = False, torch_impl: str = "fused", matmul_dtype: str = "same",
+                 dropout: float = 0.0):
     """Build a backend holding `params` (numpy arrays, copied).
 
     On torch, `torch_impl` picks the fused hand-written BPTT (the default, fastest exact path; for the book's
-    one-layer RNN only, other networks take autograd), autograd, or autograd compiled by torch.compile;
+    one-layer RNN without dropout only, other networks take autograd), autograd, or autograd compiled by
+    torch.compile;
     `matmul_dtype="bfloat16"` gives the fused path bf16 matmul operands.
     """
     name = resolve(name)
@@ -54,7 +56,7 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
         from .numpy_backend import NumpyBackend
         return NumpyBackend(params, activation, onehot_input)
     from .. import cells
-    if torch_impl == "fused" and not onehot_input and cells.describe(params).is_book_rnn:
+    if torch_impl == "fused" and not onehot_input and not dropout and cells.describe(params).is_book_rnn:
         import torch
 
         from .torch_fused import TorchFusedBackend
