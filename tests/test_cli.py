@@ -135,7 +135,7 @@ def _shown(value) -> str:
 
 
 SUBCOMMAND_CONFIGS = {"train": (DataConfig, ModelConfig, TrainConfig), "generate": (GenerateConfig,),
-                      "eval": (), "corpora": ()}
+                      "eval": (), "corpora": (), "baseline": (DataConfig,)}
 LITERAL_DEFAULTS = {
     "train": {"--clip": "1.0", "--theta": "1.0", "--num-hiddens": "512", "--batch-size": "32",
               "--num-steps": "35", "--lr": "1.0", "--num-epochs": "500", "--corpus": "'timemachine'",
@@ -144,6 +144,7 @@ LITERAL_DEFAULTS = {
                  "--num-samples": "1", "--device": "cpu"},
     "eval": {"--split": "val", "--device": "cpu"},
     "corpora": {},
+    "baseline": {"--order": "5", "--corpus": "'timemachine'"},
 }
 
 
@@ -165,6 +166,8 @@ def test_help_shows_every_flag_with_its_default(capsys, command):
         for option in action.option_strings:
             assert option in entries, f"{option} missing from `{command} --help`"
         default = action.default
+        if isinstance(default, list):
+            default = " ".join(map(str, default))
         if action.option_strings and default not in (None, False, argparse.SUPPRESS) and action.help:
             assert f"(default: {default}" in entries[action.option_strings[0]]
     # every config field, with the default it really has
@@ -602,3 +605,100 @@ def test_bf16_training_runs_and_numpy_refuses_it(capsys, tmp_path):
     assert json.loads(out)["val_ppl"] < 30
     code, out, err = run(capsys, "train", *TINY, "--matmul-dtype", "bfloat16")
     assert_one_line_error(code, err, "numpy")
+
+
+# --- models and training beyond the book ------------------------------------------------------------
+
+DEEP = ["--cell", "lstm", "--num-layers", "2", "--embed-size", "6", "--dropout", "0.3", "--init", "uniform",
+        "--optimizer", "adam", "--lr", "0.01", "--schedule", "cosine", "--warmup-epochs", "1",
+        "--weight-decay", "0.01", "--clip-mode", "value", "--clip", "0.5"]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_deep_run_resumes_exactly(capsys, tmp_path, cell):
+    """Adam moments, the schedule and the dropout masks all survive a resume: same numbers as a straight
+    run, to the bit, on numpy."""
+    argv = [*tiny(num_epochs=3), *DEEP]
+    argv[argv.index("lstm")] = cell
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(capsys, "train", *argv, "--out", straight)[0] == 0
+    # interrupted after epoch 1 (the budget), then resumed: the cosine schedule's horizon stays 3 epochs
+    assert run(capsys, "train", *argv, "--time-budget", "1e-9", "--out", split)[0] == 0
+    assert [r["epoch"] for r in read_metrics(split)] == [1]
+    code, _, err = run(capsys, "train", *argv, "--time-budget", "0", "--out", split, "--resume")
+    assert code == 0, err
+    a, b = read_metrics(straight), read_metrics(split)
+    assert [r["val_ppl"] for r in a] == [r["val_ppl"] for r in b]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert weights_files(straight)[0].read_bytes() == weights_files(split)[0].read_bytes()
+    meta = json.loads((split / "checkpoint.json").read_text())
+    assert meta["optimizer"]["name"] == "adam" and meta["optimizer"]["t"] > 0
+
+
+def test_deep_checkpoint_generates_and_evaluates(capsys, tmp_path):
+    out = tmp_path / "lstm"
+    assert run(capsys, "train", *tiny(), *DEEP, "--out", out)[0] == 0
+    texts = generate_json(capsys, out, "--num-chars", "12", "--num-samples", "2", "--temperature", "1")
+    assert len(texts) == 2 and all(len(t) == len("time traveller") + 12 for t in texts)
+    code, stdout, err = run(capsys, "eval", "--checkpoint", out)
+    assert code == 0, err
+    assert json.loads(stdout)["perplexity"] == pytest.approx(read_metrics(out)[-1]["val_ppl"], rel=1e-6)
+
+
+def test_best_checkpoint_and_early_stopping(capsys, tmp_path):
+    out = tmp_path / "run"
+    # lr 30 with no clipping makes the held-out loss worse after the first epoch
+    code, stdout, err = run(capsys, "train", *tiny(num_epochs=8, lr=30, clip=0), "--patience", "2",
+                            "--out", out)
+    assert code == 0, err
+    records = read_metrics(out)
+    vals = [r["val_ppl"] if r["val_ppl"] is not None else float("inf") for r in records]
+    best = min(range(len(vals)), key=vals.__getitem__)
+    assert len(records) == best + 3                            # stopped 2 evaluations after the best
+    assert "early stop" in stdout
+    assert json.loads((out / "best" / "checkpoint.json").read_text())["epoch"] == records[best]["epoch"]
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", out / "best")
+    assert json.loads(stdout)["perplexity"] == pytest.approx(vals[best], rel=1e-6)
+
+
+def test_time_budget_stops_and_saves(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", *tiny(num_epochs=50, log_every=10), "--time-budget", "1e-9",
+                            "--out", out)
+    assert code == 0, err
+    assert "time budget" in stdout
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--num-layers", "0"], "--num-layers must be positive"),
+    (["--embed-size", "-1"], "--embed-size must be"),
+    (["--cell", "gru", "--activation", "relu"], "applies to the rnn cell"),
+    (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    (["--matmul-dtype", "bfloat16", "--backend", "torch", "--cell", "gru"], "book's model"),
+])
+def test_bad_model_and_training_flags(capsys, tmp_path, argv, fragment):
+    code, _, err = run(capsys, "train", *tiny(), *argv, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run" / "checkpoint.json").exists()
+
+
+def test_baseline_prints_one_line_per_order(capsys):
+    code, out, err = run(capsys, "baseline", "--order", "1", "3", "--preprocess", "letters", "--max-tokens", "0")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["order"] for r in rows] == [1, 3]
+    assert rows[0]["perplexity"] == pytest.approx(16.73, abs=0.01)   # the reference unigram figure, 16.7
+    assert rows[1]["perplexity"] < rows[0]["perplexity"]
+
+
+def test_baseline_uses_a_run_split(capsys, trained):
+    code, out, err = run(capsys, "baseline", "--checkpoint", trained.out, "--order", "2")
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["train_tokens"] == 400 and row["tokens"] == json.loads(trained.stdout)["val_tokens"]
+
+
+def test_baseline_bad_order(capsys):
+    assert_one_line_error(*run(capsys, "baseline", "--order", "0")[::2], "--order must be >= 1")

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig
+from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 from .errors import RnnlabError
 
 
@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="val", choices=("val", "train", "all"),
                     help="val: the last --val-fraction of the corpus, as held out in training (default: val)")
     _add_backend_args(ev)
+
+    base = sub.add_parser("baseline", help="interpolated Kneser-Ney n-gram on the same split (prints JSON)")
+    base.add_argument("--order", type=int, nargs="+", default=[5], metavar="N",
+                      help="n-gram order(s); several give one line each (default: 5)")
+    base.add_argument("--checkpoint", metavar="DIR",
+                      help="take the corpus, preprocessing and split from this run (default: the flags below)")
+    add_config_args(base, DataConfig)
 
     bench = sub.add_parser("bench", help="speed of every training, generation and data path, side by side "
                            "with the book's implementation")
@@ -217,6 +224,26 @@ def cmd_eval(ns) -> int:
     return 0
 
 
+def cmd_baseline(ns) -> int:
+    from . import ngram
+    from .train import load_dataset
+    if ns.checkpoint:
+        from . import checkpoint
+        ckpt = checkpoint.load(ns.checkpoint)
+        data_cfg, _, _, vocab = checkpoint.read_configs(ckpt, ns.checkpoint)
+        data_cfg = dataclasses.replace(data_cfg, **given(ns, DataConfig))
+    else:
+        data_cfg, vocab = DataConfig(**given(ns, DataConfig)), None
+    validate_sizes(data_cfg, ModelConfig(), TrainConfig())
+    ds = load_dataset(data_cfg, vocab)
+    for order in ns.order:
+        result = ngram.KneserNey(order, len(ds.vocab)).fit(ds.train).score(ds.val)
+        bpc = result["bits_per_token"] if data_cfg.token == "char" else None
+        print(json.dumps({"model": f"{order}-gram Kneser-Ney", "order": order, "corpus": str(ds.path),
+                          "train_tokens": len(ds.train), **result, "bits_per_char": bpc}))
+    return 0
+
+
 def cmd_bench(ns) -> int:
     from . import bench
     if ns.repeats <= 0 or ns.warmup < 0:
@@ -241,7 +268,7 @@ def cmd_corpora(ns) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "corpora": cmd_corpora,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "baseline": cmd_baseline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,9 @@ class TrainConfig:
                                       "compiled by torch.compile (slow first step)",
                                       choices=("fused", "autograd", "compile"))
     log_every: int = option(10, "evaluate, log, sample and checkpoint every N epochs")
+    time_budget: float = option(0.0, "stop after the epoch that takes this run's wall time (evaluation "
+                                     "included) past N minutes (0: no limit); that epoch is evaluated and saved",
+                                metavar="MINUTES")
     prefixes: tuple[str, ...] = option(("time traveller", "traveller"), "prefixes sampled greedily at each log")
     num_preds: int = option(50, "characters generated per logged sample")
 
@@ -140,6 +143,7 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
     _non_negative("--weight-decay", train.weight_decay)
     _non_negative("--warmup-epochs", train.warmup_epochs)
     _non_negative("--patience", train.patience)
+    _non_negative("--time-budget", train.time_budget)
     if not 0.0 <= model.dropout < 1.0:
         raise RnnlabError(f"--dropout must be in [0, 1), got {model.dropout}")
     if not 0.0 <= train.momentum < 1.0:

@@ -324,7 +324,9 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
             if not math.isfinite(stats.nll_sum):
                 raise RnnlabError(f"training diverged at epoch {run.epoch} (loss is not finite); "
                                   "try a smaller --lr or turn clipping on with --clip")
-            if run.epoch % cfg.log_every == 0 or run.epoch == cfg.num_epochs:
+            train_minutes = (elapsed_before + time.perf_counter() - session_start) / 60
+            out_of_time = cfg.time_budget > 0 and train_minutes >= cfg.time_budget
+            if run.epoch % cfg.log_every == 0 or run.epoch == cfg.num_epochs or out_of_time:
                 val = evaluate.score_stream(run.backend, run.dataset.val)
                 improved = val["nats_per_token"] < run.best_val_nats
                 if improved:
@@ -340,6 +342,9 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
                 if cfg.patience and run.evals_since_best >= cfg.patience:
                     log(f"early stop at epoch {run.epoch}: no better held-out loss in {cfg.patience} "
                         f"evaluations (best {math.exp(run.best_val_nats):.3f} ppl, kept in {BEST_DIR}/)")
+                    break
+                if out_of_time:
+                    log(f"time budget of {cfg.time_budget:g} min reached at epoch {run.epoch}")
                     break
     finally:
         bar.close()
