@@ -12,9 +12,10 @@ import sys
 import typing
 from pathlib import Path
 
-from . import __version__
+from . import __version__, presets
 from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 from .errors import RnnlabError
+from .sweep import VARIANTS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: off)")
     train.add_argument("--json", action="store_true", help="print the final metrics as JSON (default: off)")
     train.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    train.add_argument("--preset", choices=tuple(presets.PRESETS),
+                       help="start from named settings (book: the §8.5 run; timemachine, shakespeare: the best "
+                            "measured for that corpus); flags given override them (default: none, i.e. the book's)")
     for cls in (DataConfig, ModelConfig, TrainConfig):
         add_config_args(train, cls)
 
@@ -112,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--checkpoint", metavar="DIR",
                       help="take the corpus, preprocessing and split from this run (default: the flags below)")
     add_config_args(base, DataConfig)
+
+    sw = sub.add_parser("sweep", help="the book's exercise grid: one change at a time from a base run, each "
+                        "under a time budget; writes a markdown table and a plot")
+    sw.add_argument("--out", metavar="DIR", required=True, help="one run directory per variant, plus "
+                    "sweep.md, sweep.json and sweep.png")
+    sw.add_argument("--budget", type=float, default=2.0, metavar="MINUTES",
+                    help="training time per variant (default: 2.0)")
+    sw.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
+                    help=f"which variants, from: {', '.join(repr(v) for v in VARIANTS)} (default: all)")
+    for cls in (DataConfig, ModelConfig, TrainConfig):
+        add_config_args(sw, cls)
 
     bench = sub.add_parser("bench", help="speed of every training, generation and data path, side by side "
                            "with the book's implementation")
@@ -139,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(ns) -> int:
     from . import train as training
     data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
+    if ns.preset:
+        preset = presets.get(ns.preset)
+        data, model, train_cfg = ({**preset[k], **v} for k, v in
+                                  (("data", data), ("model", model), ("train", train_cfg)))
     if ns.resume:
         if not ns.out or ns.overwrite:
             raise RnnlabError("--resume needs --out DIR, the run to continue (and no --overwrite)")
@@ -244,6 +263,18 @@ def cmd_baseline(ns) -> int:
     return 0
 
 
+def cmd_sweep(ns) -> int:
+    from .sweep import sweep
+    if not ns.budget > 0:
+        raise RnnlabError(f"--budget must be positive, got {ns.budget}")
+    data = DataConfig(**given(ns, DataConfig))
+    model, train_cfg = ModelConfig(**given(ns, ModelConfig)), TrainConfig(**given(ns, TrainConfig))
+    validate_sizes(data, model, train_cfg)
+    sweep(data, model, train_cfg, ns.out, ns.budget, tuple(ns.variants))
+    print(Path(ns.out) / "sweep.md")
+    return 0
+
+
 def cmd_bench(ns) -> int:
     from . import bench
     if ns.repeats <= 0 or ns.warmup < 0:
@@ -268,7 +299,7 @@ def cmd_corpora(ns) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "corpora": cmd_corpora,
-            "bench": cmd_bench, "baseline": cmd_baseline}
+            "bench": cmd_bench, "baseline": cmd_baseline, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -315,8 +315,9 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
     session_start, elapsed_before = time.perf_counter(), run.elapsed_s
     try:
         while run.epoch < cfg.num_epochs:
-            stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
-                                run.model_cfg.dropout)
+            with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught just below
+                stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
+                                    run.model_cfg.dropout)
             run.epoch += 1
             bar.update(1)
             bar.set_postfix(ppl=f"{stats.ppl:.3f}")

@@ -1,0 +1,36 @@
+"""Named sets of settings for `rnnlab train --preset NAME`; flags given with the preset override it.
+
+Each preset is a partial config per section (data, model, train). `book` is the §8.5 run (every default).
+The others are the best settings measured for a corpus within a fixed training-time budget on a 2-core
+CPU; the README lists their measured held-out results and the commands that reproduce them.
+"""
+from __future__ import annotations
+
+from .errors import RnnlabError
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "book": {"data": {}, "model": {}, "train": {}},
+    "timemachine": {
+        "data": {"corpus": "timemachine", "preprocess": "letters", "max_tokens": 0},
+        "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 256, "dropout": 0.3,
+                  "init": "uniform"},
+        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 36, "batch_size": 32,
+                  "num_steps": 64, "log_every": 3, "time_budget": 10.0, "torch_impl": "compile",
+                  "prefixes": ("the time traveller",)},
+    },
+    "shakespeare": {
+        "data": {"corpus": "tinyshakespeare", "preprocess": "raw", "max_tokens": 0},
+        "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 256, "dropout": 0.2,
+                  "init": "uniform"},
+        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 12, "batch_size": 64,
+                  "num_steps": 64, "log_every": 1, "time_budget": 15.0, "torch_impl": "compile",
+                  "prefixes": ("ROMEO:",)},
+    },
+}
+
+
+def get(name: str) -> dict[str, dict]:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise RnnlabError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None

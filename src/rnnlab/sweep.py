@@ -1,0 +1,142 @@
+"""`rnnlab sweep`: the book's exercise grid, one change at a time from a base run, each under a time budget.
+
+Every variant differs from the base (the book's run unless flags say otherwise) in one respect: sampling,
+input encoding, activation, clipping, truncation of backpropagation, or cell. Each trains into its own
+directory under OUT with the same seed; the results go to OUT/sweep.md (a markdown table), OUT/sweep.json
+and OUT/sweep.png (held-out perplexity per epoch, one curve per variant). A run whose loss stops being
+finite is reported as diverged, with what it reached before, never dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+from . import train as training
+from .config import DataConfig, ModelConfig, TrainConfig
+from .errors import RnnlabError
+from .fileio import atomic_write_text
+
+FULL_BPTT = "full-epoch BPTT (no detach)"
+
+# name -> (section, changes) applied to the base; FULL_BPTT is computed from the training split
+VARIANTS: dict[str, dict[str, dict]] = {
+    "base": {},
+    "random sampling": {"train": {"sampling": "random"}},
+    "learned embedding (32)": {"model": {"embed_size": 32}},
+    "ReLU": {"model": {"activation": "relu"}},
+    "no clipping": {"train": {"theta": 0.0}},
+    FULL_BPTT: {},
+    "GRU": {"model": {"cell": "gru"}},
+    "LSTM": {"model": {"cell": "lstm"}},
+}
+
+
+def full_bptt_steps(train_tokens: int, batch_size: int) -> int:
+    """num_steps that makes one minibatch of the whole epoch under sequential partitioning: backpropagation
+    through all of it, one update per epoch. Any offset in [0, T] must still leave T tokens per stream."""
+    return max((train_tokens - 1) // (batch_size + 1), 1)
+
+
+def variant_configs(name: str, data: DataConfig, model: ModelConfig, train: TrainConfig, train_tokens: int):
+    changes = VARIANTS[name]
+    model = dataclasses.replace(model, **changes.get("model", {}))
+    train = dataclasses.replace(train, **changes.get("train", {}))
+    if name == FULL_BPTT:
+        train = dataclasses.replace(train, sampling="sequential",
+                                    num_steps=full_bptt_steps(train_tokens, train.batch_size))
+    return data, model, train
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run_variant(name: str, data: DataConfig, model: ModelConfig, train: TrainConfig, out: Path,
+                train_tokens: int) -> dict:
+    data, model, train = variant_configs(name, data, model, train, train_tokens)
+    run = training.new_run(data, model, train)
+    status = "ok"
+    try:
+        training.fit(run, out / slug(name), log=lambda line: None, progress=False)
+    except RnnlabError as e:
+        if "diverged" not in str(e):
+            raise
+        status = f"diverged at epoch {run.epoch}"
+    records = run.records
+    last = records[-1] if records else {}
+    finite_vals = [r["val_ppl"] for r in records if r.get("val_ppl") is not None]
+    return {"variant": name, "status": status, "epochs": run.epoch, "num_steps": train.num_steps,
+            "val_ppl": last.get("val_ppl"), "val_bits_per_token": last.get("val_bits_per_token"),
+            "best_val_ppl": min(finite_vals) if finite_vals else None, "train_ppl": last.get("train_ppl"),
+            "tokens_per_s": _median([r["tokens_per_s"] for r in records]), "wall_s": round(run.elapsed_s, 1),
+            "curve": [(r["epoch"], r["val_ppl"]) for r in records]}
+
+
+def _median(xs: list[float]):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict], data: DataConfig, budget: float) -> str:
+    unit = "bits/char" if data.token == "char" else "bits/token"
+    lines = [f"Held-out = last {data.val_fraction:.0%} of {data.corpus}; budget {budget:g} min per run.", "",
+             f"| variant | held-out ppl (last) | {unit} | best held-out ppl | train ppl | tokens/s | wall s "
+             "| epochs | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {_fmt(r['val_ppl'], '.2f')} | {_fmt(r['val_bits_per_token'], '.3f')} "
+                     f"| {_fmt(r['best_val_ppl'], '.2f')} | {_fmt(r['train_ppl'], '.3f')} "
+                     f"| {_fmt(r['tokens_per_s'], ',.0f')} | {r['wall_s']:.0f} | {r['epochs']} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        points = [(e, v) for e, v in r["curve"] if v is not None and math.isfinite(v)]
+        if points:
+            ax.plot(*zip(*points), label=r["variant"] + ("" if r["status"] == "ok" else " (diverged)"))
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out perplexity")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def sweep(data: DataConfig, model: ModelConfig, train: TrainConfig, out, budget: float,
+          names=tuple(VARIANTS), log: Callable[[str], None] = print) -> list[dict]:
+    """Run the named variants of the base configs, each for up to `budget` minutes, and write the table,
+    the JSON and the plot into `out` (rewritten after every run, so a partial sweep is readable)."""
+    out = Path(out)
+    train = dataclasses.replace(train, time_budget=budget)
+    train_tokens = len(training.load_dataset(data).train)
+    rows = []
+    for name in names:
+        if name not in VARIANTS:
+            raise RnnlabError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        if (out / slug(name)).exists():
+            training.prepare_out(out / slug(name), overwrite=True)
+        rows.append(run_variant(name, data, model, train, out, train_tokens))
+        r = rows[-1]
+        log(f"{name:<28} held-out ppl {_fmt(r['val_ppl'], '.2f'):>8}  train ppl {_fmt(r['train_ppl'], '.3f'):>8}"
+            f"  {r['epochs']} epochs, {r['wall_s']:.0f} s  {r['status']}")
+        atomic_write_text(out / "sweep.md", markdown(rows, data, budget))
+        atomic_write_text(out / "sweep.json", json.dumps(rows, indent=1))
+        plot(rows, out / "sweep.png")
+    return rows
