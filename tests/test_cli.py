@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rnnlab import cli
-from rnnlab.config import DataConfig, GenerateConfig, ModelConfig, TrainConfig
+from rnnlab import cli, presets
+from rnnlab.config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 
 from conftest import DATA  # noqa: E402  (the corpora folder: $RNNLAB_DATA or ../shared/data)
 TINY = ["--num-hiddens", "16", "--batch-size", "4", "--num-steps", "5", "--max-tokens", "400",
@@ -702,3 +702,23 @@ def test_baseline_uses_a_run_split(capsys, trained):
 
 def test_baseline_bad_order(capsys):
     assert_one_line_error(*run(capsys, "baseline", "--order", "0")[::2], "--order must be >= 1")
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_presets_are_valid_configs(name):
+    data, model, train_cfg = presets.apply(name, {}, {}, {})
+    configs = DataConfig(**data), ModelConfig(**model), TrainConfig(**train_cfg)
+    validate_sizes(*configs)
+    if name == "book":
+        assert configs == (DataConfig(), ModelConfig(), TrainConfig())
+
+
+def test_flags_override_the_preset(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--preset", "timemachine", *tiny(), "--cell", "gru", "--num-layers", "1",
+                       "--embed-size", "4", "--torch-impl", "autograd", "--time-budget", "0", "--out", out)
+    assert code == 0, err
+    cfg = json.loads((out / "checkpoint.json").read_text())["config"]
+    assert cfg["data"]["preprocess"] == "letters"                 # from the preset
+    assert cfg["model"]["cell"] == "gru" and cfg["model"]["num_hiddens"] == 16      # from the flags
+    assert cfg["train"]["optimizer"] == "adam" and cfg["train"]["num_epochs"] == 2

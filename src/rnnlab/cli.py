@@ -155,9 +155,7 @@ def cmd_train(ns) -> int:
     from . import train as training
     data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
     if ns.preset:
-        preset = presets.get(ns.preset)
-        data, model, train_cfg = ({**preset[k], **v} for k, v in
-                                  (("data", data), ("model", model), ("train", train_cfg)))
+        data, model, train_cfg = presets.apply(ns.preset, data, model, train_cfg)
     if ns.resume:
         if not ns.out or ns.overwrite:
             raise RnnlabError("--resume needs --out DIR, the run to continue (and no --overwrite)")

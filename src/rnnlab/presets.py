@@ -12,10 +12,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     "book": {"data": {}, "model": {}, "train": {}},
     "timemachine": {
         "data": {"corpus": "timemachine", "preprocess": "letters", "max_tokens": 0},
-        "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 256, "dropout": 0.3,
+        "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.5,
                   "init": "uniform"},
-        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 36, "batch_size": 32,
-                  "num_steps": 64, "log_every": 3, "time_budget": 10.0, "torch_impl": "compile",
+        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 26, "batch_size": 32,
+                  "num_steps": 64, "log_every": 2, "time_budget": 10.0, "torch_impl": "compile",
                   "prefixes": ("the time traveller",)},
     },
     "shakespeare": {
@@ -29,8 +29,10 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
-def get(name: str) -> dict[str, dict]:
+def apply(name: str, data: dict, model: dict, train: dict) -> tuple[dict, dict, dict]:
+    """The preset's settings, overridden by the ones given (each a dict of config fields)."""
     try:
-        return PRESETS[name]
+        preset = PRESETS[name]
     except KeyError:
         raise RnnlabError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+    return {**preset["data"], **data}, {**preset["model"], **model}, {**preset["train"], **train}
