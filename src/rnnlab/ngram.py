@@ -3,8 +3,8 @@
 Shape legend: N = tokens, V = vocab_size, n = order.
 
 Chen & Goodman's interpolated Kneser–Ney with one absolute discount per order, D = n1 / (n1 + 2 n2)
-(n1, n2: how many n-grams of that order occur once, twice; 0.5 when none occurs once). For a context h of k-1 tokens and its shortened
-context h' (h without its first token):
+(n1, n2: how many n-grams of that order occur once, twice; 0.5 when none occurs once). For a context h of
+k-1 tokens and its shortened context h' (h without its first token):
 
     P_k(w | h) = (max(c_k(h w) - D_k, 0) + D_k * N1+(h .) * P_{k-1}(w | h')) / c_k(h .)     if c_k(h .) > 0
                = P_{k-1}(w | h')                                                               otherwise
