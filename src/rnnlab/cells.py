@@ -148,21 +148,11 @@ def split_layer_grads(cell: str, layer: int, dW_x, dW_h, db) -> dict:
     return out
 
 
-# ---- the book's RNN, as its own small functions (used by the fast RNN paths and the benchmark) ----
+# ---- input and output layers ----
 
 def one_hot(X: np.ndarray, vocab_size: int, dtype=np.float32) -> np.ndarray:
     """(...,) indices -> (..., V) one-hot rows: the book's input encoding."""
     return np.eye(vocab_size, dtype=dtype)[X]
-
-
-def input_projection(W_xh, X):
-    """(B, T) indices -> (T, B, H): X_t W_xh for every step, as a row gather (time-major like the book)."""
-    return W_xh[X.T]
-
-
-def rnn_step(XW_t, H, W_hh, b_h, phi):
-    """One step of the recurrence. XW_t (B, H) is the input projection, H (B, H) the previous state."""
-    return phi(XW_t + H @ W_hh + b_h)
 
 
 def output_layer(Hs, W_hq, b_q):

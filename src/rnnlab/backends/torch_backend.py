@@ -70,10 +70,15 @@ class TorchBackend:
                                                self.onehot_input)
         return logits, new_state
 
+    def _loss(self, params: dict, X, y, state, masks):
+        """X (B, T), y (T*B,) time-major targets, state (S, B, H) -> (mean loss, final state)."""
+        logits, new_state = self.forward(params, X, state, masks)
+        return F.cross_entropy(logits, y), new_state
+
     def loss_and_grads(self, X, Y, state, masks=None):
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
-        logits, new_state = self.forward(leaves, self._tensor(X), state, self._masks(masks))
-        loss = F.cross_entropy(logits, self._tensor(Y).T.reshape(-1))
+        y = self._tensor(Y).T.reshape(-1)
+        loss, new_state = self._loss(leaves, self._tensor(X), y, state, self._masks(masks))
         grads = torch.autograd.grad(loss, list(leaves.values()))
         return float(loss.detach()), dict(zip(leaves, grads)), new_state.detach()
 

@@ -11,28 +11,14 @@ and decoding stay eager: their shapes change call to call and they are not the b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import network
-from .torch_backend import TorchBackend, TorchOps
+from .torch_backend import TorchBackend
 
 
 class TorchCompiledBackend(TorchBackend):
+    """TorchBackend whose per-minibatch loss (`_loss`) is compiled; the training step is otherwise the same."""
     name = "torch"
 
     def __init__(self, params, activation="tanh", device="cpu"):
         super().__init__(params, activation, device)
-        arch, phi = self.arch, self.phi
-
-        def loss(params: dict, X, y, state, masks):
-            """X (B, T), y (T*B,) time-major targets, state (S, B, H) -> (mean loss, final state)."""
-            logits, new_state, _ = network.forward(params, X, state, arch, TorchOps, phi, masks)
-            return F.cross_entropy(logits, y), new_state
-        self._compiled = torch.compile(loss, dynamic=False)
-
-    def loss_and_grads(self, X, Y, state, masks=None):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
-        y = self._tensor(Y).T.reshape(-1)
-        loss, new_state = self._compiled(leaves, self._tensor(X), y, state, self._masks(masks))
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        return float(loss.detach()), dict(zip(leaves, grads)), new_state.detach()
+        self._loss = torch.compile(self._loss, dynamic=False)
