@@ -381,6 +381,28 @@ def test_eval_prints_json_matching_training(capsys, trained):
     assert Path(result["corpus"]).name == "timemachine.txt"
 
 
+def test_eval_dynamic_leaves_the_checkpoint_alone(capsys, trained):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy")
+    static = json.loads(out)
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy",
+                         "--dynamic-lr", "0.5", "--dynamic-steps", "50")
+    assert code == 0, err
+    dynamic = json.loads(out)
+    assert dynamic["dynamic"] == {"lr": 0.5, "num_steps": 50, "decay": 0.0} and static["dynamic"] is None
+    assert dynamic["tokens"] == static["tokens"]
+    assert dynamic["perplexity"] != static["perplexity"]
+    assert snapshot(trained.out) == trained.files              # the weights on disk never change
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy")
+    assert json.loads(out)["perplexity"] == static["perplexity"]
+
+
+@pytest.mark.parametrize("argv", [["--dynamic-lr", "-1"], ["--dynamic-lr", "1", "--dynamic-steps", "0"],
+                                  ["--dynamic-lr", "1", "--dynamic-decay", "-1"]])
+def test_eval_dynamic_bad_values(capsys, trained, argv):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", *argv)
+    assert_one_line_error(code, err, "dynamic evaluation")
+
+
 def test_eval_other_corpus(capsys, trained):
     code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--corpus", "war_of_the_worlds",
                          "--backend", "numpy")
@@ -609,14 +631,14 @@ def test_bf16_training_runs_and_numpy_refuses_it(capsys, tmp_path):
 
 # --- models and training beyond the book ------------------------------------------------------------
 
-DEEP = ["--cell", "lstm", "--num-layers", "2", "--embed-size", "6", "--dropout", "0.3", "--init", "uniform",
-        "--optimizer", "adam", "--lr", "0.01", "--schedule", "cosine", "--warmup-epochs", "1",
+DEEP = ["--cell", "lstm", "--num-layers", "2", "--embed-size", "6", "--dropout", "0.3", "--weight-drop", "0.2",
+        "--init", "uniform", "--optimizer", "adam", "--lr", "0.01", "--schedule", "cosine", "--warmup-epochs", "1",
         "--weight-decay", "0.01", "--clip-mode", "value", "--clip", "0.5"]
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_deep_run_resumes_exactly(capsys, tmp_path, cell):
-    """Adam moments, the schedule and the dropout masks all survive a resume: same numbers as a straight
+    """Adam moments, the schedule and the dropout and weight-drop masks all survive a resume: same numbers as a straight
     run, to the bit, on numpy."""
     argv = [*tiny(num_epochs=3), *DEEP]
     argv[argv.index("lstm")] = cell
@@ -672,11 +694,12 @@ def test_time_budget_stops_and_saves(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--weight-drop", "-0.1"], "--weight-drop must be in [0, 1)"),
     (["--num-layers", "0"], "--num-layers must be positive"),
     (["--embed-size", "-1"], "--embed-size must be"),
     (["--cell", "gru", "--activation", "relu"], "applies to the rnn cell"),
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
-    (["--matmul-dtype", "bfloat16", "--backend", "torch", "--cell", "gru"], "book's model"),
+    (["--matmul-dtype", "bfloat16", "--backend", "torch", "--dtype", "float64"], "needs --dtype float32"),
 ])
 def test_bad_model_and_training_flags(capsys, tmp_path, argv, fragment):
     code, _, err = run(capsys, "train", *tiny(), *argv, "--out", tmp_path / "run")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from helpers import ARCHS, random_batch, random_params, random_state, rel_err
-from rnnlab import network
+from rnnlab import network, train
 from rnnlab.backends.numpy_backend import NumpyBackend
 
 
@@ -102,3 +102,30 @@ def test_the_book_rnn_is_a_one_layer_network_of_the_same_code():
     logits, state, _ = NumpyBackend(params).forward(X, random_state(1, B, H))
     np.testing.assert_allclose(logits, np.concatenate(expected), rtol=1e-12)
     np.testing.assert_allclose(state[0], H_t, rtol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm-2layer-embed"])
+def test_weight_drop_gradient_matches_finite_differences(arch):
+    """With weight drop the loss is L(W_h * M); its gradient w.r.t. W_h is M * dL/d(W_h * M)."""
+    V, B, T, H = 5, 2, 4, 3
+    backend = NumpyBackend(random_params(V, H, **ARCHS[arch]))
+    X, Y = random_batch(V, B, T)
+    state = random_state(backend.arch.num_state_slices, B, H)
+    weight_masks = network.weight_drop_masks(np.random.default_rng(5), 0.5, backend.arch, np.float64)
+    assert set(weight_masks) == set(network.recurrent_weight_names(backend.arch))
+    assert "W_hq" not in weight_masks and all((m == 0).any() for m in weight_masks.values())
+    before = {k: v.copy() for k, v in backend.params.items()}
+    loss, grads, _ = train.loss_and_grads(backend, X, Y, state, None, weight_masks)
+    for k, v in backend.params.items():                    # the weights are put back exactly
+        np.testing.assert_array_equal(v, before[k])
+
+    def dropped_loss():
+        masked = {k: v * weight_masks[k] if k in weight_masks else v for k, v in backend.params.items()}
+        return NumpyBackend(masked).loss_and_grads(X, Y, state)[0]
+
+    assert loss == pytest.approx(dropped_loss(), rel=1e-14)
+    numeric = numeric_grads(backend, dropped_loss)
+    for name in grads:
+        assert rel_err(grads[name], numeric[name]) < 1e-5, name
+    for name, m in weight_masks.items():                   # a dropped weight gets no gradient
+        assert (grads[name][m == 0] == 0).all()

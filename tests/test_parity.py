@@ -11,7 +11,6 @@ from rnnlab import cells, evaluate, generate, network, optim
 from rnnlab.backends import make_backend
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import TrainConfig
-from rnnlab.errors import RnnlabError
 from rnnlab.train import train_epoch
 
 torch = pytest.importorskip("torch")
@@ -83,6 +82,26 @@ def test_epochs_of_training_agree_float64(path, device):
             assert rel_err(ref.params[name], as_np(fast.params[name])) < 1e-10
 
 
+@pytest.mark.parametrize("path, arch, dropout", [("fused", None, 0.0), ("autograd", "lstm-2layer-embed", 0.3),
+                                                  ("autograd", "gru", 0.0)])
+def test_epochs_with_weight_drop_agree_float64(path, arch, dropout):
+    V, H = 9, 8
+    corpus = np.random.default_rng(0).integers(0, V, 500)
+    params = random_params(V, H, np.float64, scale=0.3, **(ARCHS[arch] if arch else {}))
+    cfg = TrainConfig(batch_size=4, num_steps=7, lr=0.5, theta=1.0, dtype="float64")
+    ref, fast = NumpyBackend(params), TORCH_PATHS[path](params)
+    for _ in range(2):
+        a = train_epoch(ref, corpus, cfg, np.random.default_rng(7), dropout=dropout, weight_drop=0.4)
+        b = train_epoch(fast, corpus, cfg, np.random.default_rng(7), dropout=dropout, weight_drop=0.4)
+        assert a.nll_sum == pytest.approx(b.nll_sum, rel=1e-10) and a.clipped == b.clipped
+    for name in params:
+        assert rel_err(ref.params[name], as_np(fast.params[name])) < 1e-10, name
+    plain = NumpyBackend(params)
+    train_epoch(plain, corpus, cfg, np.random.default_rng(7), dropout=dropout)
+    W_h = network.recurrent_weight_names(ref.arch)[0]
+    assert rel_err(plain.params[W_h], ref.params[W_h]) > 1e-3             # weight drop changed the training
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_scoring_and_decoding_agree(device):
     V, H = 8, 10
@@ -98,6 +117,19 @@ def test_scoring_and_decoding_agree(device):
     out_fast = generate.generate(fast.step, fast.begin_state(3), [1, 2, 3], 20)
     np.testing.assert_array_equal(out_ref, out_fast)
 
+
+
+@pytest.mark.parametrize("path, arch", [("fused", "rnn"), ("autograd", "rnn"), ("autograd", "lstm-2layer-embed")])
+def test_dynamic_evaluation_agrees(path, arch):
+    arch_kwargs = {} if arch == "rnn" else ARCHS[arch]
+    params = random_params(7, 9, np.float64, scale=0.4, **arch_kwargs)
+    tokens = np.random.default_rng(4).integers(0, 7, 300)
+    ref, fast = NumpyBackend(params), TORCH_PATHS[path](params)
+    a = evaluate.score_stream_dynamic(ref, tokens, lr=0.5, num_steps=32, decay=0.1)
+    b = evaluate.score_stream_dynamic(fast, tokens, lr=0.5, num_steps=32, decay=0.1)
+    assert a["nats_per_token"] == pytest.approx(b["nats_per_token"], rel=1e-10)
+    for k, v in fast.numpy_params().items():
+        np.testing.assert_allclose(v, ref.params[k], rtol=1e-9, atol=1e-12)
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_gather_equals_onehot(device):
@@ -130,17 +162,32 @@ def test_bf16_matmuls_stay_close_to_float32(device):
 
 @pytest.mark.parametrize("impl, matmul_dtype, expected", [
     ("fused", "same", TorchFusedBackend), ("fused", "bfloat16", TorchFusedBackend),
-    ("autograd", "same", TorchBackend), ("compile", "same", TorchCompiledBackend)])
+    ("autograd", "same", TorchBackend), ("autograd", "bfloat16", TorchBackend),
+    ("compile", "same", TorchCompiledBackend), ("compile", "bfloat16", TorchCompiledBackend)])
 def test_make_backend_picks_the_named_torch_path(impl, matmul_dtype, expected):
     backend = make_backend("torch", random_params(5, 4, np.float32), torch_impl=impl, matmul_dtype=matmul_dtype)
     assert type(backend) is expected
     assert backend.numpy_params()["W_hh"].shape == (4, 4)
 
 
-@pytest.mark.parametrize("impl", ["autograd", "compile"])
-def test_bf16_matmuls_need_the_fused_path(impl):
-    with pytest.raises(RnnlabError, match="needs --torch-impl fused"):
-        make_backend("torch", random_params(5, 4, np.float32), torch_impl=impl, matmul_dtype="bfloat16")
+@pytest.mark.parametrize("arch", ["gru", "lstm-2layer-embed"])
+def test_autocast_bf16_stays_close_to_float32(arch):
+    """Autograd under bf16 autocast: close to, not equal to, float32; master weights and state stay float32."""
+    V, H, B, T = 28, 64, 8, 12
+    params = random_params(V, H, np.float32, scale=0.2, **ARCHS[arch])
+    exact, low = TorchBackend(params), TorchBackend(params, matmul_dtype="bfloat16")
+    X, Y = random_batch(V, B, T)
+    state = random_state(exact.arch.num_state_slices, B, H, np.float32)
+    l1, g1, s1 = exact.loss_and_grads(X, Y, torch.tensor(state))
+    l2, g2, s2 = low.loss_and_grads(X, Y, torch.tensor(state))
+    assert l1 != l2 and l1 == pytest.approx(l2, rel=5e-3)
+    assert s2.dtype == torch.float32 and rel_err(as_np(s1), as_np(s2)) < 3e-2
+    for name in params:
+        assert rel_err(as_np(g1[name]), as_np(g2[name])) < 5e-2, name
+        assert low.params[name].dtype == torch.float32
+    # scoring stays float32
+    tokens = np.random.default_rng(5).integers(0, V, 200)
+    assert evaluate.score_stream(low, tokens) == evaluate.score_stream(exact, tokens)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -187,5 +234,4 @@ def test_compiled_deep_networks_agree(arch):
 def test_fused_is_chosen_only_for_the_book_rnn():
     deep = random_params(5, 4, np.float32, cell="rnn", num_layers=2)
     assert type(make_backend("torch", deep, torch_impl="fused")) is TorchBackend
-    with pytest.raises(RnnlabError, match="book's model"):
-        make_backend("torch", deep, torch_impl="fused", matmul_dtype="bfloat16")
+    assert make_backend("torch", deep, torch_impl="fused", matmul_dtype="bfloat16").autocast

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import random_params
-from rnnlab import cells, evaluate, train
+from rnnlab import cells, evaluate, optim, train
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
@@ -69,6 +69,61 @@ def test_stream_score_is_token_weighted_and_chunk_independent():
         assert r["nats_per_token"] == pytest.approx(nll.mean(), rel=1e-12)
         assert r["perplexity"] == pytest.approx(np.exp(nll.mean()), rel=1e-12)
         assert r["bits_per_token"] == pytest.approx(nll.mean() / np.log(2), rel=1e-12)
+
+
+def test_dynamic_evaluation_with_full_decay_is_static_scoring():
+    # decay=1 puts the trained weights back after every step: each segment is scored as in static scoring
+    params = random_params(5, 8, scale=0.4)
+    tokens = np.random.default_rng(0).integers(0, 5, 101)
+    static = evaluate.score_stream(NumpyBackend(params), tokens, chunk=16)
+    backend = NumpyBackend(params)
+    dynamic = evaluate.score_stream_dynamic(backend, tokens, lr=0.5, num_steps=16, decay=1.0)
+    assert dynamic["nats_per_token"] == pytest.approx(static["nats_per_token"], rel=1e-12)
+    for k in params:
+        np.testing.assert_allclose(backend.params[k], params[k], rtol=0, atol=1e-15)
+
+
+def test_dynamic_evaluation_scores_each_segment_before_training_on_it():
+    params = random_params(5, 8, scale=0.4)
+    tokens = np.random.default_rng(1).integers(0, 5, 41)
+    backend = NumpyBackend(params)
+    result = evaluate.score_stream_dynamic(backend, tokens, lr=0.3, num_steps=25, theta=1.0)
+    # by hand: segment 1 with the trained weights, one clipped SGD step on it, segment 2 with the new weights
+    ref = NumpyBackend(params)
+    loss1, grads, state = ref.loss_and_grads(tokens[None, :25], tokens[None, 1:26], ref.begin_state(1))
+    optim.clip(grads, 1.0)
+    optim.sgd(ref.params, grads, 0.3)
+    nll2, _ = ref.nll(tokens[None, 25:40], tokens[None, 26:41], state)
+    assert result["tokens"] == 40
+    assert result["nats_per_token"] == pytest.approx((loss1 * 25 + nll2) / 40, rel=1e-12)
+    # the second segment's update happened too, and left the weights changed
+    assert any(not np.allclose(backend.params[k], ref.params[k]) for k in params)
+
+
+def test_dynamic_evaluation_adapts_to_repeated_text():
+    # a passage seen once is predicted better the second time: the model has trained on it while scoring
+    rng = np.random.default_rng(2)
+    passage = rng.integers(0, 5, 64)
+    tokens = np.concatenate([passage] * 12)
+    params = random_params(5, 16, scale=0.3)
+    static = evaluate.score_stream(NumpyBackend(params), tokens)
+    dynamic = evaluate.score_stream_dynamic(NumpyBackend(params), tokens, lr=1.0, num_steps=16)
+    assert dynamic["nats_per_token"] < static["nats_per_token"] - 0.15
+
+
+def test_dynamic_evaluation_single_segment_is_static():
+    params = random_params(5, 8, scale=0.4)
+    tokens = np.random.default_rng(3).integers(0, 5, 50)
+    static = evaluate.score_stream(NumpyBackend(params), tokens)
+    dynamic = evaluate.score_stream_dynamic(NumpyBackend(params), tokens, lr=1.0, num_steps=100)
+    assert dynamic["nats_per_token"] == pytest.approx(static["nats_per_token"], rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.0), dict(lr=-1.0), dict(lr=1.0, num_steps=0),
+                                    dict(lr=1.0, decay=-0.5)])
+def test_dynamic_evaluation_rejects_bad_settings(kwargs):
+    with pytest.raises(RnnlabError, match="dynamic evaluation"):
+        evaluate.score_stream_dynamic(NumpyBackend(random_params()), np.arange(5) % 5, **kwargs)
 
 
 def test_run_directory_contents_and_metrics(tmp_path):

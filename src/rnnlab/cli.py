@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="directory searched first for named corpora (default: the checkpoint's)")
     ev.add_argument("--split", default="val", choices=("val", "train", "all"),
                     help="val: the last --val-fraction of the corpus, as held out in training (default: val)")
+    ev.add_argument("--dynamic-lr", type=float, default=0.0, metavar="X",
+                    help="dynamic evaluation: after scoring each segment, one SGD step of this size on it, so "
+                         "the model adapts to the text as it reads it (default: 0, static evaluation)")
+    ev.add_argument("--dynamic-steps", type=int, default=64, metavar="N",
+                    help="segment length of dynamic evaluation (default: 64)")
+    ev.add_argument("--dynamic-decay", type=float, default=0.0, metavar="X",
+                    help="pull of dynamic evaluation back toward the trained weights per step (default: 0)")
     _add_backend_args(ev)
 
     base = sub.add_parser("baseline", help="interpolated Kneser-Ney n-gram on the same split (prints JSON)")
@@ -233,11 +240,18 @@ def cmd_eval(ns) -> int:
         tokens = np.concatenate([ds.train, ds.val])
     else:
         tokens = ds.val if ns.split == "val" else ds.train
-    result = evaluate.score_stream(m.backend, tokens)
+    if ns.dynamic_lr:
+        result = evaluate.score_stream_dynamic(m.backend, tokens, ns.dynamic_lr, ns.dynamic_steps,
+                                               ns.dynamic_decay)
+    else:
+        result = evaluate.score_stream(m.backend, tokens)
+    dynamic = ({"lr": ns.dynamic_lr, "num_steps": ns.dynamic_steps, "decay": ns.dynamic_decay}
+               if ns.dynamic_lr else None)
     unknown = int((tokens == m.vocab.unk).sum())
     bpc = result["bits_per_token"] if m.data_cfg.token == "char" else None
     print(json.dumps({"corpus": str(ds.path), "split": ns.split, **result, "bits_per_char": bpc,
-                      "unknown_tokens": unknown, "checkpoint_epoch": m.checkpoint.epoch}))
+                      "unknown_tokens": unknown, "checkpoint_epoch": m.checkpoint.epoch,
+                      "dynamic": dynamic}))
     return 0
 
 

@@ -49,6 +49,8 @@ class ModelConfig:
     embed_size: int = option(0, "0: one-hot input (the book); N: a learned N-dimensional embedding")
     dropout: float = option(0.0, "dropout between layers and before the output layer (not on the "
                                  "recurrent connections) while training")
+    weight_drop: float = option(0.0, "weight drop: DropConnect on the hidden-to-hidden weights W_h* while "
+                                     "training, one mask per minibatch (AWD-LSTM)")
     activation: str = option("tanh", "hidden-state nonlinearity of the RNN cell", choices=("tanh", "relu"))
     init: str = option("normal", "initial weights: normal = the book's N(0, 0.01^2); uniform = "
                                  "U(-1/sqrt(H), 1/sqrt(H)) as torch.nn's recurrent layers",
@@ -146,11 +148,16 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
     _non_negative("--time-budget", train.time_budget)
     if not 0.0 <= model.dropout < 1.0:
         raise RnnlabError(f"--dropout must be in [0, 1), got {model.dropout}")
+    if not 0.0 <= model.weight_drop < 1.0:
+        raise RnnlabError(f"--weight-drop must be in [0, 1), got {model.weight_drop}")
     if not 0.0 <= train.momentum < 1.0:
         raise RnnlabError(f"--momentum must be in [0, 1), got {train.momentum}")
     if model.activation != "tanh" and model.cell != "rnn":
         raise RnnlabError(f"--activation {model.activation} applies to the rnn cell; the {model.cell} "
                           "keeps its own sigmoid and tanh")
+    if train.matmul_dtype == "bfloat16" and train.dtype != "float32":
+        raise RnnlabError(f"--matmul-dtype bfloat16 keeps float32 master weights; it needs --dtype float32, "
+                          f"not {train.dtype}")
     _non_negative("--num-preds", train.num_preds)
     _non_negative("--seed", train.seed)
     if not 0.0 < data.val_fraction < 1.0:

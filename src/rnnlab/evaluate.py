@@ -45,3 +45,38 @@ def score_stream(backend, tokens: np.ndarray, chunk: int = 256) -> dict:
         nll_sum, state = backend.nll(tokens[None, start:stop], tokens[None, start + 1:stop + 1], state)
         total += nll_sum
     return summarize(total, n)
+
+
+def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int = 64, decay: float = 0.0,
+                         theta: float = 1.0) -> dict:
+    """Dynamic evaluation (Krause et al., 2018): score the stream in segments of `num_steps` tokens and,
+    after scoring each, take one SGD step on that segment's mean loss, so the model adapts to the text
+    (its names, its recent words) as it reads it.
+
+    Every token is still predicted before the model has trained on it: segment k is scored by the weights
+    updated on segments 0..k-1 only. The update is W -= lr * clip(grad) + decay * (W - W_trained); `decay`
+    pulls the weights back toward the trained ones. It changes the backend's weights in memory (never a
+    checkpoint); load the model again to score statically.
+    """
+    from . import optim
+    if len(tokens) < 2:
+        raise RnnlabError("need at least 2 tokens to score")
+    if not lr > 0 or num_steps < 1 or decay < 0:
+        raise RnnlabError(f"dynamic evaluation needs lr > 0, num_steps >= 1 and decay >= 0, "
+                          f"got lr={lr}, num_steps={num_steps}, decay={decay}")
+    params = backend.params
+    trained = {k: optim.copy(p) for k, p in params.items()} if decay else {}
+    state = backend.begin_state(1)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = len(tokens) - 1
+    total = 0.0
+    for start in range(0, n, num_steps):
+        stop = min(start + num_steps, n)
+        X, Y = tokens[None, start:stop], tokens[None, start + 1:stop + 1]
+        loss, grads, state = backend.loss_and_grads(X, Y, state)     # scored with the weights before the step
+        total += loss * (stop - start)
+        optim.clip(grads, theta)
+        optim.sgd(params, grads, lr)
+        for k, p in trained.items():
+            params[k] -= decay * (params[k] - p)
+    return summarize(total, n)

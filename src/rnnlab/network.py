@@ -115,3 +115,18 @@ def dropout_masks(rng: np.random.Generator, p: float, num_layers: int, B: int, T
         return None
     keep = rng.random((num_layers, T, B, H)) >= p
     return (keep / (1.0 - p)).astype(dtype)
+
+
+def recurrent_weight_names(arch: cells.Arch) -> list[str]:
+    """The hidden-to-hidden matrices W_h* of every gate and layer (not W_hq, the output layer)."""
+    return [W_h for layer in range(arch.num_layers) for _, W_h, _ in cells.layer_names(arch.cell, layer)]
+
+
+def weight_drop_masks(rng: np.random.Generator, p: float, arch: cells.Arch, dtype) -> dict[str, np.ndarray] | None:
+    """Weight drop (DropConnect on the recurrent weights, as in Merity et al.'s AWD-LSTM): one (H, H) mask
+    per W_h* and minibatch, the same at every time step; 0 with probability p, else 1 / (1 - p).
+    It regularises the recurrent connections, which per-step dropout would disrupt. None when p is 0."""
+    if p <= 0:
+        return None
+    H = arch.num_hiddens
+    return {name: ((rng.random((H, H)) >= p) / (1.0 - p)).astype(dtype) for name in recurrent_weight_names(arch)}

@@ -69,7 +69,12 @@ def _to_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy().copy() if hasattr(x, "detach") else np.array(x, copy=True)
 
 
-def _like(array: np.ndarray, p):
+def copy(p):
+    """A copy of an array or tensor, of the same kind."""
+    return p.clone() if hasattr(p, "clone") else p.copy()
+
+
+def like(array: np.ndarray, p):
     """A numpy array as a buffer of the same kind, dtype and device as parameter `p`."""
     if hasattr(p, "new_tensor"):
         return p.new_tensor(array)
@@ -120,7 +125,7 @@ class Optimizer:
             kind, name = key.split(".", 1)
             if kind not in self.state or name not in params or array.shape != tuple(params[name].shape):
                 raise ValueError(f"optimizer buffer {key!r} does not fit the parameters")
-            self.state[kind][name] = _like(array, params[name])
+            self.state[kind][name] = like(array, params[name])
 
 
 class Momentum(Optimizer):

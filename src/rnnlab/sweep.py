@@ -3,12 +3,14 @@
 Every variant differs from the base (the book's run unless flags say otherwise) in one respect: sampling,
 input encoding, activation, clipping, truncation of backpropagation, or cell. Each trains into its own
 directory under OUT with the same seed; the results go to OUT/sweep.md (a markdown table), OUT/sweep.json
-and OUT/sweep.png (held-out perplexity per epoch, one curve per variant). A run whose loss stops being
+and OUT/sweep.png (held-out perplexity against training time, one curve per variant: every run had the same
+minutes, not the same epochs). A run whose loss stops being
 finite is reported as diverged, with what it reached before, never dropped.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import re
@@ -18,7 +20,7 @@ from typing import Callable
 from . import train as training
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import RnnlabError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
 
 FULL_BPTT = "full-epoch BPTT (no detach)"
 
@@ -73,7 +75,7 @@ def run_variant(name: str, data: DataConfig, model: ModelConfig, train: TrainCon
             "val_ppl": last.get("val_ppl"), "val_bits_per_token": last.get("val_bits_per_token"),
             "best_val_ppl": min(finite_vals) if finite_vals else None, "train_ppl": last.get("train_ppl"),
             "tokens_per_s": _median([r["tokens_per_s"] for r in records]), "wall_s": round(run.elapsed_s, 1),
-            "curve": [(r["epoch"], r["val_ppl"]) for r in records]}
+            "curve": [(r["epoch"], r["elapsed_s"], r["val_ppl"]) for r in records]}
 
 
 def _median(xs: list[float]):
@@ -99,24 +101,30 @@ def markdown(rows: list[dict], data: DataConfig, budget: float) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Held-out perplexity against wall-clock minutes (log scale), one line per variant, written atomically."""
+    from matplotlib.figure import Figure   # a bare Figure draws with Agg and leaves pyplot's backend alone
+    from matplotlib.ticker import ScalarFormatter
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
     for r in rows:
-        points = [(e, v) for e, v in r["curve"] if v is not None and math.isfinite(v)]
+        points = [(s / 60, v) for _, s, v in r["curve"] if v is not None and math.isfinite(v)]
         if points:
-            ax.plot(*zip(*points), label=r["variant"] + ("" if r["status"] == "ok" else " (diverged)"))
+            ax.plot(*zip(*points), marker=".", label=r["variant"] + ("" if r["status"] == "ok" else " (diverged)"))
     ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        plain = ScalarFormatter()                  # 4, 6, 10, 20 rather than 2 x 10^1
+        plain.set_scientific(False)
+        set_formatter(plain)
+    ax.set_xlabel("training time (minutes, evaluation included)")
     ax.set_ylabel("held-out perplexity")
+    ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def sweep(data: DataConfig, model: ModelConfig, train: TrainConfig, out, budget: float,

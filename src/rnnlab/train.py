@@ -177,20 +177,24 @@ def learning_rate(cfg: TrainConfig, epoch: float) -> float:
 
 
 def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
-                optimizer: optim.Optimizer | None = None, epoch: int = 0, dropout: float = 0.0) -> EpochStats:
+                optimizer: optim.Optimizer | None = None, epoch: int = 0, dropout: float = 0.0,
+                weight_drop: float = 0.0) -> EpochStats:
     """One pass over the training split (the book's `train_epoch_ch8`); `epoch` counts the epochs done
-    before this one, for the learning-rate schedule. Without an optimizer, the book's SGD."""
+    before this one, for the learning-rate schedule. Without an optimizer, the book's SGD. Dropout and
+    weight-drop masks come from `rng`, so a resumed run draws the same ones."""
     stats, state = EpochStats(), None
     optimizer = optimizer or optim.Optimizer()
     arch = getattr(backend, "arch", None)
+    dtype = np.dtype(cfg.dtype)
     approx_batches = max((len(corpus) - 1) // (cfg.batch_size * cfg.num_steps), 1)
     start = time.perf_counter()
     for X, Y in samplers.batches(corpus, cfg.batch_size, cfg.num_steps, cfg.sampling, rng):
         if state is None or cfg.sampling == "random":
             state = backend.begin_state(X.shape[0])
         masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens,
-                                      np.dtype(cfg.dtype)) if dropout else None
-        loss, grads, state = backend.loss_and_grads(X, Y, state, masks)   # state comes back detached
+                                      dtype) if dropout else None
+        weight_masks = network.weight_drop_masks(rng, weight_drop, arch, dtype) if weight_drop else None
+        loss, grads, state = loss_and_grads(backend, X, Y, state, masks, weight_masks)   # state detached
         _, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
         progress = epoch + min((stats.steps + 1) / approx_batches, 1.0)
         optimizer.step(backend.params, grads, learning_rate(cfg, progress))
@@ -200,6 +204,27 @@ def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
         stats.clipped += clipped
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def loss_and_grads(backend, X, Y, state, masks=None, weight_masks: dict | None = None):
+    """`backend.loss_and_grads`, with the recurrent weights multiplied by `weight_masks` (weight drop) for
+    this minibatch: the loss of W * M, and its gradient w.r.t. W, which is M * (gradient w.r.t. W * M).
+    The weights are put back exactly afterwards, whatever happens."""
+    if not weight_masks:
+        return backend.loss_and_grads(X, Y, state, masks)
+    params = backend.params
+    masks_like = {name: optim.like(m, params[name]) for name, m in weight_masks.items()}
+    kept = {name: optim.copy(params[name]) for name in masks_like}
+    try:
+        for name, m in masks_like.items():
+            params[name] *= m
+        loss, grads, state = backend.loss_and_grads(X, Y, state, masks)
+    finally:
+        for name, w in kept.items():
+            params[name][...] = w
+    for name, m in masks_like.items():
+        grads[name] *= m
+    return loss, grads, state
 
 
 def samples(run: Run) -> dict[str, str]:
@@ -317,7 +342,7 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
         while run.epoch < cfg.num_epochs:
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught just below
                 stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
-                                    run.model_cfg.dropout)
+                                    run.model_cfg.dropout, run.model_cfg.weight_drop)
             run.epoch += 1
             bar.update(1)
             bar.set_postfix(ppl=f"{stats.ppl:.3f}")

@@ -47,7 +47,8 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
     On torch, `torch_impl` picks the fused hand-written BPTT (the default, fastest exact path; for the book's
     one-layer RNN without dropout only, other networks take autograd), autograd, or autograd compiled by
     torch.compile;
-    `matmul_dtype="bfloat16"` gives the fused path bf16 matmul operands.
+    `matmul_dtype="bfloat16"` trains with bf16 matmul operands and float32 master weights: hand-written in the
+    fused path, by torch.autocast in the others.
     """
     name = resolve(name)
     if name == "numpy":
@@ -62,11 +63,8 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
         from .torch_fused import TorchFusedBackend
         low = torch.bfloat16 if matmul_dtype == "bfloat16" else None
         return TorchFusedBackend(params, activation, device, low)
-    if matmul_dtype != "same":
-        raise RnnlabError("--matmul-dtype bfloat16 needs --torch-impl fused and the book's model "
-                          "(one RNN layer, one-hot input)")
     if torch_impl == "compile" and not onehot_input:
         from .torch_compiled import TorchCompiledBackend
-        return TorchCompiledBackend(params, activation, device)
+        return TorchCompiledBackend(params, activation, device, matmul_dtype)
     from .torch_backend import TorchBackend
-    return TorchBackend(params, activation, device, onehot_input)
+    return TorchBackend(params, activation, device, onehot_input, matmul_dtype)

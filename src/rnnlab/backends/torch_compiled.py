@@ -19,6 +19,6 @@ class TorchCompiledBackend(TorchBackend):
     """TorchBackend whose per-minibatch loss (`_loss`) is compiled; the training step is otherwise the same."""
     name = "torch"
 
-    def __init__(self, params, activation="tanh", device="cpu"):
-        super().__init__(params, activation, device)
+    def __init__(self, params, activation="tanh", device="cpu", matmul_dtype="same"):
+        super().__init__(params, activation, device, matmul_dtype=matmul_dtype)
         self._loss = torch.compile(self._loss, dynamic=False)
