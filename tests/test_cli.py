@@ -396,11 +396,33 @@ def test_eval_dynamic_leaves_the_checkpoint_alone(capsys, trained):
     assert json.loads(out)["perplexity"] == static["perplexity"]
 
 
+def test_eval_mixture_with_ngram(capsys, trained):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--mix-ngram", "5")
+    assert code == 0, err
+    result = json.loads(out)
+    mix = result["mixture"]
+    assert mix["ngram_order"] == 5 and mix["model_weight"] == 0.5 and result["dynamic"] is None
+    assert math.isclose(mix["model_perplexity"], read_metrics(trained.out)[-1]["val_ppl"], rel_tol=1e-6)
+    code, out, err = run(capsys, "baseline", "--checkpoint", trained.out, "--order", "5")
+    assert math.isclose(mix["ngram_perplexity"], json.loads(out)["perplexity"], rel_tol=1e-12)
+    # the n-gram is fitted on the model's own training split (400 tokens here), so both are weak, and
+    # the mixture beats each of them
+    assert result["perplexity"] < min(mix["model_perplexity"], mix["ngram_perplexity"])
+
+
 @pytest.mark.parametrize("argv", [["--dynamic-lr", "-1"], ["--dynamic-lr", "1", "--dynamic-steps", "0"],
                                   ["--dynamic-lr", "1", "--dynamic-decay", "-1"]])
 def test_eval_dynamic_bad_values(capsys, trained, argv):
     code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", *argv)
     assert_one_line_error(code, err, "dynamic evaluation")
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--mix-ngram", "-2"], "--mix-ngram"),
+                                            (["--mix-ngram", "3", "--mix-weight", "2"], "--mix-weight"),
+                                            (["--mix-ngram", "3", "--dynamic-lr", "0.1"], "one of them")])
+def test_eval_mixture_bad_values(capsys, trained, argv, fragment):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", *argv)
+    assert_one_line_error(code, err, fragment)
 
 
 def test_eval_other_corpus(capsys, trained):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import random_params
-from rnnlab import cells, evaluate, optim, train
+from rnnlab import cells, evaluate, ngram, optim, train
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
@@ -71,6 +71,34 @@ def test_stream_score_is_token_weighted_and_chunk_independent():
         assert r["bits_per_token"] == pytest.approx(nll.mean() / np.log(2), rel=1e-12)
 
 
+def test_stream_nll_is_per_token_and_sums_to_the_score():
+    backend = NumpyBackend(random_params(5, 8, scale=0.4))
+    tokens = np.random.default_rng(0).integers(0, 5, 77)
+    logits, _, _ = backend.forward(tokens[None, :-1], backend.begin_state(1))
+    nll, _ = cells.cross_entropy(logits, tokens[1:])
+    for chunk in (1, 10, 100):
+        np.testing.assert_allclose(evaluate.stream_nll(backend, tokens, chunk), nll, rtol=1e-12)
+
+
+def test_mixture_with_an_ngram():
+    rng = np.random.default_rng(6)
+    train_text, tokens = rng.integers(0, 5, 400), rng.integers(0, 5, 120)
+    backend = NumpyBackend(random_params(5, 8, scale=0.4))
+    kn = ngram.KneserNey(3, 5).fit(train_text)
+    model, counts = evaluate.score_stream(backend, tokens), kn.score(tokens)
+    only_model = evaluate.score_mixture(backend, tokens, kn, 1.0)
+    only_ngram = evaluate.score_mixture(backend, tokens, kn, 0.0)
+    assert only_model["nats_per_token"] == pytest.approx(model["nats_per_token"], rel=1e-12)
+    assert only_ngram["nats_per_token"] == pytest.approx(counts["nats_per_token"], rel=1e-12)
+    assert only_model["model_perplexity"] == pytest.approx(model["perplexity"], rel=1e-12)
+    assert only_model["ngram_perplexity"] == pytest.approx(counts["perplexity"], rel=1e-12)
+    for w in (0.2, 0.5, 0.9):     # Jensen: the mixture's loss is at most the weighted mean of the two losses
+        mixed = evaluate.score_mixture(backend, tokens, kn, w)["nats_per_token"]
+        assert mixed < w * model["nats_per_token"] + (1 - w) * counts["nats_per_token"]
+    with pytest.raises(RnnlabError, match="mixture weight"):
+        evaluate.score_mixture(backend, tokens, kn, 1.5)
+
+
 def test_dynamic_evaluation_with_full_decay_is_static_scoring():
     # decay=1 puts the trained weights back after every step: each segment is scored as in static scoring
     params = random_params(5, 8, scale=0.4)
@@ -93,7 +121,7 @@ def test_dynamic_evaluation_scores_each_segment_before_training_on_it():
     loss1, grads, state = ref.loss_and_grads(tokens[None, :25], tokens[None, 1:26], ref.begin_state(1))
     optim.clip(grads, 1.0)
     optim.sgd(ref.params, grads, 0.3)
-    nll2, _ = ref.nll(tokens[None, 25:40], tokens[None, 26:41], state)
+    nll2 = ref.token_nll(tokens[None, 25:40], tokens[None, 26:41], state)[0].sum()
     assert result["tokens"] == 40
     assert result["nats_per_token"] == pytest.approx((loss1 * 25 + nll2) / 40, rel=1e-12)
     # the second segment's update happened too, and left the weights changed

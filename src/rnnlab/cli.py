@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="segment length of dynamic evaluation (default: 64)")
     ev.add_argument("--dynamic-decay", type=float, default=0.0, metavar="X",
                     help="pull of dynamic evaluation back toward the trained weights per step (default: 0)")
+    ev.add_argument("--mix-ngram", type=int, default=0, metavar="ORDER",
+                    help="score the mixture of the model with a Kneser-Ney n-gram of this order fitted on the "
+                         "model's own training split (default: 0, the model alone)")
+    ev.add_argument("--mix-weight", type=float, default=0.5, metavar="W",
+                    help="weight of the model in the mixture; the n-gram gets 1 - W (default: 0.5)")
     _add_backend_args(ev)
 
     base = sub.add_parser("baseline", help="interpolated Kneser-Ney n-gram on the same split (prints JSON)")
@@ -229,6 +234,11 @@ def cmd_eval(ns) -> int:
     from . import evaluate
     from .checkpoint import load_model
     from .train import load_dataset
+    if ns.dynamic_lr and ns.mix_ngram:
+        raise RnnlabError("--dynamic-lr and --mix-ngram are separate evaluations; give one of them")
+    if ns.mix_ngram < 0 or not 0.0 <= ns.mix_weight <= 1.0:
+        raise RnnlabError(f"--mix-ngram takes an n-gram order >= 1 and --mix-weight a weight in [0, 1], got "
+                          f"{ns.mix_ngram} and {ns.mix_weight}")
     m = load_model(ns.checkpoint, ns.backend, ns.device)
     # "train" is what the model trained on (--max-tokens applies); "all" is the whole text
     max_tokens = m.data_cfg.max_tokens if ns.split == "train" else -1
@@ -240,18 +250,25 @@ def cmd_eval(ns) -> int:
         tokens = np.concatenate([ds.train, ds.val])
     else:
         tokens = ds.val if ns.split == "val" else ds.train
+    extra = {"dynamic": None, "mixture": None}
     if ns.dynamic_lr:
         result = evaluate.score_stream_dynamic(m.backend, tokens, ns.dynamic_lr, ns.dynamic_steps,
                                                ns.dynamic_decay)
+        extra["dynamic"] = {"lr": ns.dynamic_lr, "num_steps": ns.dynamic_steps, "decay": ns.dynamic_decay}
+    elif ns.mix_ngram:
+        from . import ngram
+        own_train = load_dataset(m.data_cfg, m.vocab).train          # what the model itself trained on
+        kn = ngram.KneserNey(ns.mix_ngram, len(m.vocab)).fit(own_train)
+        result = evaluate.score_mixture(m.backend, tokens, kn, ns.mix_weight)
+        extra["mixture"] = {"ngram_order": ns.mix_ngram, "model_weight": ns.mix_weight,
+                            "model_perplexity": result.pop("model_perplexity"),
+                            "ngram_perplexity": result.pop("ngram_perplexity")}
     else:
         result = evaluate.score_stream(m.backend, tokens)
-    dynamic = ({"lr": ns.dynamic_lr, "num_steps": ns.dynamic_steps, "decay": ns.dynamic_decay}
-               if ns.dynamic_lr else None)
     unknown = int((tokens == m.vocab.unk).sum())
     bpc = result["bits_per_token"] if m.data_cfg.token == "char" else None
     print(json.dumps({"corpus": str(ds.path), "split": ns.split, **result, "bits_per_char": bpc,
-                      "unknown_tokens": unknown, "checkpoint_epoch": m.checkpoint.epoch,
-                      "dynamic": dynamic}))
+                      "unknown_tokens": unknown, "checkpoint_epoch": m.checkpoint.epoch, **extra}))
     return 0
 
 

@@ -32,19 +32,42 @@ def summarize(nll_sum: float, count: int) -> dict:
             "perplexity": math.exp(nats) if nats < 700 else math.inf}
 
 
-def score_stream(backend, tokens: np.ndarray, chunk: int = 256) -> dict:
-    """Score tokens[1:] given everything before them: one stream, batch 1, the state carried throughout."""
+def stream_nll(backend, tokens: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """-log P(tokens[t] | tokens[:t]) for t = 1 .. N-1, as (N - 1,) float64: one stream, batch 1, the state
+    carried throughout."""
     if len(tokens) < 2:
         raise RnnlabError("need at least 2 tokens to score")
     state = backend.begin_state(1)
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens) - 1
-    total = 0.0
+    parts = []
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        nll_sum, state = backend.nll(tokens[None, start:stop], tokens[None, start + 1:stop + 1], state)
-        total += nll_sum
-    return summarize(total, n)
+        nll, state = backend.token_nll(tokens[None, start:stop], tokens[None, start + 1:stop + 1], state)
+        parts.append(nll)
+    return np.concatenate(parts)
+
+
+def score_stream(backend, tokens: np.ndarray, chunk: int = 256) -> dict:
+    """Score tokens[1:] given everything before them: one stream, batch 1, the state carried throughout."""
+    nll = stream_nll(backend, tokens, chunk)
+    return summarize(float(nll.sum()), len(nll))
+
+
+def score_mixture(backend, tokens: np.ndarray, ngram_model, weight: float = 0.5) -> dict:
+    """Score the linear interpolation weight * P_model + (1 - weight) * P_ngram of the network and an n-gram
+    fitted on the same training text (`ngram.KneserNey`). The two make different errors (the network
+    generalises across contexts, the n-gram remembers exact ones), so the mixture beats both; by Jensen's
+    inequality its loss is never above the weighted mean of theirs. Also returns each one's own perplexity."""
+    if not 0.0 <= weight <= 1.0:
+        raise RnnlabError(f"mixture weight must be in [0, 1], got {weight}")
+    nll_model = stream_nll(backend, tokens)
+    p_ngram = ngram_model.probs(tokens)
+    p = weight * np.exp(-nll_model) + (1.0 - weight) * p_ngram
+    n = len(p)
+    return {**summarize(float(-np.log(p).sum()), n),
+            "model_perplexity": summarize(float(nll_model.sum()), n)["perplexity"],
+            "ngram_perplexity": summarize(float(-np.log(p_ngram).sum()), n)["perplexity"]}
 
 
 def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int = 64, decay: float = 0.0,

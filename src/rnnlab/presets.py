@@ -13,17 +13,17 @@ PRESETS: dict[str, dict[str, dict]] = {
     "timemachine": {
         "data": {"corpus": "timemachine", "preprocess": "letters", "max_tokens": 0},
         "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.5,
-                  "init": "uniform"},
+                  "weight_drop": 0.2, "init": "uniform"},
         "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 26, "batch_size": 32,
-                  "num_steps": 64, "log_every": 2, "time_budget": 10.0, "torch_impl": "compile",
+                  "num_steps": 64, "log_every": 2, "time_budget": 9.5, "torch_impl": "compile",
                   "prefixes": ("the time traveller",)},
     },
     "shakespeare": {
         "data": {"corpus": "tinyshakespeare", "preprocess": "raw", "max_tokens": 0},
         "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 256, "dropout": 0.2,
                   "init": "uniform"},
-        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 12, "batch_size": 64,
-                  "num_steps": 64, "log_every": 1, "time_budget": 15.0, "torch_impl": "compile",
+        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 13, "batch_size": 64,
+                  "num_steps": 64, "log_every": 4, "time_budget": 13.5, "torch_impl": "compile",
                   "prefixes": ("ROMEO:",)},
     },
 }

@@ -7,7 +7,7 @@ start from identical weights) and expose the same small interface:
     begin_state(batch_size) -> state (S, B, H), zeros; S = layers (x2 for the LSTM's cell states)
     loss_and_grads(X, Y, state, masks=None) -> (mean loss, grads dict, new state)   # state detached;
                                                # masks: (L, T, B, H) dropout masks or None
-    nll(X, Y, state) -> (summed loss, new state)                        # no gradients
+    token_nll(X, Y, state) -> (per-prediction NLL (T*B,) float64 numpy, new state)   # no gradients
     step(token_ids, state) -> (logits as numpy (B, V), new state)       # one decoding step
     decoder() -> a `step` callback, possibly precomputed for the current weights
     numpy_params() -> dict of numpy arrays

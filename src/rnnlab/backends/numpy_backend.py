@@ -48,10 +48,11 @@ class NumpyBackend:
                                  self.onehot_input)
         return float(nll.mean()), grads, new_state
 
-    def nll(self, X: np.ndarray, Y: np.ndarray, state: np.ndarray):
+    def token_nll(self, X: np.ndarray, Y: np.ndarray, state: np.ndarray):
+        """Per-prediction NLL (T*B,) in float64, time-major, and the final state; no gradients."""
         logits, new_state, _ = self.forward(X, state)
         nll, _ = cells.cross_entropy(logits.astype(np.float64), Y.T.reshape(-1))
-        return float(nll.sum()), new_state
+        return nll, new_state
 
     def step(self, token_ids: np.ndarray, state: np.ndarray):
         """One decoding step (a `generate` callback) from the current weights."""

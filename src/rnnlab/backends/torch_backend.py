@@ -90,10 +90,11 @@ class TorchBackend:
         return float(loss.detach()), dict(zip(leaves, grads)), new_state.detach()
 
     @torch.inference_mode()
-    def nll(self, X, Y, state):
+    def token_nll(self, X, Y, state):
+        """Per-prediction NLL (T*B,) as float64 numpy, time-major, and the final state; no gradients."""
         logits, new_state = self.forward(self.params, self._tensor(X), state)
-        loss = F.cross_entropy(logits.double(), self._tensor(Y).T.reshape(-1), reduction="sum")
-        return float(loss), new_state
+        nll = F.cross_entropy(logits.double(), self._tensor(Y).T.reshape(-1), reduction="none")
+        return nll.cpu().numpy(), new_state
 
     @torch.inference_mode()
     def step(self, token_ids, state):
