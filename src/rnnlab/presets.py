@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 256, "dropout": 0.2,
                   "init": "uniform"},
         "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 13, "batch_size": 64,
-                  "num_steps": 64, "log_every": 4, "time_budget": 13.5, "torch_impl": "compile",
+                  "num_steps": 64, "log_every": 4, "time_budget": 13.0, "torch_impl": "compile",
                   "prefixes": ("ROMEO:",)},
     },
 }
