@@ -660,8 +660,8 @@ DEEP = ["--cell", "lstm", "--num-layers", "2", "--embed-size", "6", "--dropout",
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_deep_run_resumes_exactly(capsys, tmp_path, cell):
-    """Adam moments, the schedule and the dropout and weight-drop masks all survive a resume: same numbers as a straight
-    run, to the bit, on numpy."""
+    """Adam moments, the schedule and the dropout and weight-drop masks all survive a resume: same numbers as
+    a straight run, to the bit, on numpy."""
     argv = [*tiny(num_epochs=3), *DEEP]
     argv[argv.index("lstm")] = cell
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from . import optim
 from .errors import RnnlabError
 
 
@@ -57,8 +58,9 @@ def score_stream(backend, tokens: np.ndarray, chunk: int = 256) -> dict:
 def score_mixture(backend, tokens: np.ndarray, ngram_model, weight: float = 0.5) -> dict:
     """Score the linear interpolation weight * P_model + (1 - weight) * P_ngram of the network and an n-gram
     fitted on the same training text (`ngram.KneserNey`). The two make different errors (the network
-    generalises across contexts, the n-gram remembers exact ones), so the mixture beats both; by Jensen's
-    inequality its loss is never above the weighted mean of theirs. Also returns each one's own perplexity."""
+    generalises across contexts, the n-gram remembers exact ones), so the mixture usually beats both; by
+    Jensen's inequality its loss is never above the weighted mean of theirs. Also returns each one's own
+    perplexity on the same tokens."""
     if not 0.0 <= weight <= 1.0:
         raise RnnlabError(f"mixture weight must be in [0, 1], got {weight}")
     nll_model = stream_nll(backend, tokens)
@@ -81,7 +83,6 @@ def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int 
     pulls the weights back toward the trained ones. It changes the backend's weights in memory (never a
     checkpoint); load the model again to score statically.
     """
-    from . import optim
     if len(tokens) < 2:
         raise RnnlabError("need at least 2 tokens to score")
     if not lr > 0 or num_steps < 1 or decay < 0:

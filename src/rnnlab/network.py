@@ -122,11 +122,13 @@ def recurrent_weight_names(arch: cells.Arch) -> list[str]:
     return [W_h for layer in range(arch.num_layers) for _, W_h, _ in cells.layer_names(arch.cell, layer)]
 
 
-def weight_drop_masks(rng: np.random.Generator, p: float, arch: cells.Arch, dtype) -> dict[str, np.ndarray] | None:
+def weight_drop_masks(rng: np.random.Generator, p: float, arch: cells.Arch,
+                      dtype) -> dict[str, np.ndarray] | None:
     """Weight drop (DropConnect on the recurrent weights, as in Merity et al.'s AWD-LSTM): one (H, H) mask
     per W_h* and minibatch, the same at every time step; 0 with probability p, else 1 / (1 - p).
     It regularises the recurrent connections, which per-step dropout would disrupt. None when p is 0."""
     if p <= 0:
         return None
     H = arch.num_hiddens
-    return {name: ((rng.random((H, H)) >= p) / (1.0 - p)).astype(dtype) for name in recurrent_weight_names(arch)}
+    return {name: ((rng.random((H, H)) >= p) / (1.0 - p)).astype(dtype)
+            for name in recurrent_weight_names(arch)}

@@ -3,9 +3,9 @@
 Every variant differs from the base (the book's run unless flags say otherwise) in one respect: sampling,
 input encoding, activation, clipping, truncation of backpropagation, or cell. Each trains into its own
 directory under OUT with the same seed; the results go to OUT/sweep.md (a markdown table), OUT/sweep.json
-and OUT/sweep.png (held-out perplexity against training time, one curve per variant: every run had the same
-minutes, not the same epochs). A run whose loss stops being
-finite is reported as diverged, with what it reached before, never dropped.
+and OUT/sweep.png (held-out perplexity against training time, one curve per variant: every run gets the
+same minutes, not the same epochs). A run whose loss stops being finite is reported as diverged, with what
+it reached before, never dropped.
 """
 from __future__ import annotations
 
