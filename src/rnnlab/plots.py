@@ -22,6 +22,11 @@ def plot_perplexity(records: list[dict], path, title: str = "") -> None:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    save_png(fig, path)
+
+
+def save_png(fig, path) -> None:
+    """Lay out a matplotlib Figure and write it to `path` as a PNG, atomically."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -10,7 +10,6 @@ it reached before, never dropped.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import re
@@ -20,7 +19,8 @@ from typing import Callable
 from . import train as training
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import RnnlabError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_text
+from .plots import save_png
 
 FULL_BPTT = "full-epoch BPTT (no detach)"
 
@@ -110,7 +110,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         points = [(s / 60, v) for _, s, v in r["curve"] if v is not None and math.isfinite(v)]
         if points:
-            ax.plot(*zip(*points), marker=".", label=r["variant"] + ("" if r["status"] == "ok" else " (diverged)"))
+            label = r["variant"] + ("" if r["status"] == "ok" else " (diverged)")
+            ax.plot(*zip(*points), marker=".", label=label)
     ax.set_yscale("log")
     for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         plain = ScalarFormatter()                  # 4, 6, 10, 20 rather than 2 x 10^1
@@ -121,10 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def sweep(data: DataConfig, model: ModelConfig, train: TrainConfig, out, budget: float,
