@@ -28,6 +28,7 @@ arrays (the reference) and torch tensors (differentiated by autograd).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +120,30 @@ def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator, dty
     shapes = param_shapes(vocab_size, num_hiddens, cell, num_layers, embed_size)
     return {name: draw(shape) if name.startswith("W") else np.zeros(shape, dtype=dtype)
             for name, shape in shapes.items()}
+
+
+_KIND_RANK = {"W_x": 0, "W_h": 1, "b_": 2}
+_GATE_RANK = {g: i for gates in GATES.values() for i, g in enumerate(gates)}   # i f o c / z r h / h
+_LAYER_NAME = re.compile(r"(W_x|W_h|b_)([a-z])(?:_l(\d+))?")
+
+
+def canonical_key(name: str) -> tuple:
+    """Sort key putting parameter names in `param_shapes` order (W_emb, then every layer's gates as
+    W_x*, W_h*, b_*, then W_hq, b_q), whatever order a dict holds them in. Reductions over parameters
+    (the global gradient norm) follow it, so they give the same bits in every process."""
+    if name == "W_emb":
+        return (0,)
+    if name in ("W_hq", "b_q"):
+        return (2, name)
+    m = _LAYER_NAME.fullmatch(name)
+    if m is None:
+        return (3, name)                       # not a model parameter: after all of them, by name
+    return (1, int(m[3] or 1), _GATE_RANK.get(m[2], len(GATES)), _KIND_RANK[m[1]], name)
+
+
+def canonical_order(names) -> list[str]:
+    """`names` sorted by `canonical_key`."""
+    return sorted(names, key=canonical_key)
 
 
 def describe(params: dict) -> Arch:

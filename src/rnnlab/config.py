@@ -81,6 +81,10 @@ class TrainConfig:
     lr_gamma: float = option(0.5, "decay factor of the step schedule")
     patience: int = option(0, "early stopping: stop after this many evaluations without a better held-out "
                               "loss (0: never); the best model is kept in OUT/best either way")
+    on_divergence: str = option("stop", "when the loss or the weights stop being finite, or the loss jumps far "
+                                        "above its running level: stop (the last good checkpoint is kept) or "
+                                        "rollback (go back to it, halve the learning rate and continue)",
+                                choices=("stop", "rollback"))
     num_epochs: int = option(500, "train up to this epoch (with --resume: continue up to it)")
     sampling: str = option("sequential", "minibatch sampling: sequential partitioning carries the hidden "
                                          "state across minibatches; random re-initialises it each minibatch",

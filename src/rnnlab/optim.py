@@ -10,14 +10,20 @@ import math
 
 import numpy as np
 
+from . import cells
+
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 CLIP_MODES = ("norm", "value")
 
 
 def grad_norm(grads: dict) -> float:
-    """Global L2 norm over all gradients, as the book's `grad_clipping` computes it."""
-    return float(sum((g * g).sum() for g in grads.values())) ** 0.5
+    """Global L2 norm over all gradients, as the book's `grad_clipping` computes it.
+
+    The per-parameter sums are added in the canonical parameter order, not the dict's: a dict rebuilt from
+    a checkpoint may list the parameters in another order, and float addition is not associative, so this
+    is what makes a resumed run clip exactly as the uninterrupted one."""
+    return float(sum((grads[k] * grads[k]).sum() for k in cells.canonical_order(grads))) ** 0.5
 
 
 def clip_grad_norm(grads: dict, theta: float) -> tuple[float, bool]:
