@@ -102,14 +102,14 @@ def test_file_with_wrong_hash_is_skipped(dirs):
     assert text == (DATA / FILENAME).read_text(encoding="utf-8")
 
 
-def test_only_wrong_hash_files_is_not_found(dirs):
+def test_only_wrong_hash_files_are_named_with_their_hash(dirs):
     for d in dirs.values():
         bad_copy(d)
     assert corpora.find(NAME, dirs["data_dir"]) is None
     with pytest.raises(RnnlabError) as e:
         corpora.locate(NAME, dirs["data_dir"], allow_download=False)
     msg = str(e.value)
-    assert "not found" in msg and "download disabled" in msg
+    assert "not found" not in msg and "but its SHA-256 is" in msg and "download disabled" in msg
     assert str(dirs["data_dir"]) in msg and str(dirs["env"]) in msg and str(dirs["cache"]) in msg
     assert "RNNLAB_DATA" in msg
 

@@ -47,7 +47,7 @@ def test_diverged_runs_are_reported_not_dropped(tmp_path):
     train = TrainConfig(batch_size=4, num_steps=5, num_epochs=3, log_every=1, backend="numpy", lr=1e10)
     model = ModelConfig(num_hiddens=8, activation="relu")
     rows = sweep.sweep(TINY_DATA, model, train, tmp_path, budget=5, names=("no clipping",), log=lambda s: None)
-    assert rows[0]["status"].startswith("diverged at epoch")
+    assert rows[0]["status"].startswith("diverged in epoch")
     assert "diverged" in (tmp_path / "sweep.md").read_text()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import random_params
-from rnnlab import cells, evaluate, ngram, optim, train
+from rnnlab import cells, evaluate, ngram, optim, rundir, train
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
@@ -188,7 +188,7 @@ def test_too_short_corpus_says_how_many_tokens(tmp_path):
         train.new_run(DataConfig(corpus=str(path), val_fraction=0.1), ModelConfig(), TrainConfig())
 
 
-def test_prepare_out_refuses_to_clobber(tmp_path):
+def test_a_saved_run_is_replaced_only_with_overwrite_and_only_at_the_first_save(tmp_path):
     run = run_with(num_epochs=2)
     train.fit(run, tmp_path, progress=False, log=lambda s: None)
     def files():
@@ -196,10 +196,16 @@ def test_prepare_out_refuses_to_clobber(tmp_path):
     before = files()
     assert tmp_path / "best" / "checkpoint.json" in before
     with pytest.raises(RnnlabError, match="already holds a run"):
-        train.prepare_out(tmp_path, overwrite=False)
+        train.fit(run_with(num_epochs=2), tmp_path, progress=False, log=lambda s: None)
     assert before == files()
-    train.prepare_out(tmp_path, overwrite=True)
-    assert not list(tmp_path.iterdir())
+    with rundir.RunWriter(tmp_path, overwrite=True) as writer:     # opened, never saved: nothing changes
+        assert writer.replacing
+    assert before == files()
+    train.fit(run_with(num_epochs=2, seed=1), tmp_path, progress=False, log=lambda s: None, overwrite=True)
+    after = files()
+    assert after != before and json.loads((tmp_path / "checkpoint.json").read_text())["config"]["train"]["seed"] == 1
+    assert sorted(p.name for p in tmp_path.glob("weights-*")) != sorted(p.name for p in before if
+                                                                         p.name.startswith("weights-"))
 
 
 class RecordingBackend:

@@ -74,6 +74,16 @@ def find(name: str, data_dir=None) -> Path | None:
     return None
 
 
+def _wrong_copies(name: str, data_dir=None) -> list[tuple[Path, str]]:
+    """(path, sha256) of every file along the search path with the corpus's file name and the wrong hash."""
+    corpus, wrong = CORPORA[name], []
+    for d in search_path(data_dir):
+        path = d / corpus.filename
+        if path.is_file() and (digest := sha256_file(path)) != corpus.sha256:
+            wrong.append((path, digest))
+    return wrong
+
+
 def download(name: str, dest_dir: Path | None = None, url: str | None = None) -> Path:
     """Fetch a named corpus into `dest_dir` (the cache by default), checking its SHA-256 before keeping it."""
     corpus = CORPORA[name]
@@ -110,6 +120,13 @@ def locate(name_or_path: str, data_dir=None, allow_download: bool = True) -> Pat
             reason = "download disabled"
         looked = ", ".join(str(d) for d in search_path(data_dir))
         corpus = CORPORA[name_or_path]
+        wrong = _wrong_copies(name_or_path, data_dir)
+        if wrong:
+            (path, digest), others = wrong[0], "".join(f" (also wrong: {p})" for p, _ in wrong[1:])
+            raise RnnlabError(
+                f"corpus {name_or_path!r}: found {path} but its SHA-256 is {digest}, expected {corpus.sha256}"
+                f"{others}: a different or damaged file, and {reason}; replace it with the original "
+                f"{corpus.filename} or point RNNLAB_DATA at a directory that holds it")
         raise RnnlabError(
             f"corpus {name_or_path!r} not found (looked in: {looked}) and {reason}; put {corpus.filename} "
             f"(sha256 {corpus.sha256[:12]}...) in one of those directories or set RNNLAB_DATA")

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader (or a crash) sees the old file or the new one, never a torn one."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

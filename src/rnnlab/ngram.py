@@ -20,10 +20,22 @@ with `np.searchsorted`, so fitting a million tokens takes seconds.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import evaluate
 from .errors import RnnlabError
+
+
+KEY_BITS = 62          # an n-gram key is < V ** n <= 2 ** 62: int64 with room for the arithmetic on it
+
+
+def max_order(vocab_size: int) -> int:
+    """The highest order whose keys fit over V >= 2 token types: the largest n with n * log2(V) < KEY_BITS
+    (compared in logarithms, so a huge order costs nothing to refuse)."""
+    n = math.floor(KEY_BITS / math.log2(vocab_size))
+    return n - 1 if n * math.log2(vocab_size) >= KEY_BITS else n
 
 
 def _keys(tokens: np.ndarray, k: int, V: int) -> np.ndarray:
@@ -53,8 +65,9 @@ class KneserNey:
     def __init__(self, order: int, vocab_size: int):
         if order < 1:
             raise RnnlabError(f"--order must be >= 1, got {order}")
-        if vocab_size ** order >= 2 ** 62:
-            raise RnnlabError(f"order {order} over {vocab_size} token types is too large to count")
+        if order * math.log2(max(vocab_size, 1)) >= KEY_BITS:     # V ** order keys overflow int64
+            raise RnnlabError(f"--order {order} over {vocab_size} token types is too large to count (at most "
+                              f"{max_order(vocab_size)})")
         self.order, self.V = order, vocab_size
         self.levels: list[dict] = []
 

@@ -61,6 +61,13 @@ def clip(grads: dict, theta: float, mode: str = "norm") -> tuple[float, bool]:
     return clip_grad_value(grads, theta) if mode == "value" else clip_grad_norm(grads, theta)
 
 
+def all_finite(arrays) -> bool:
+    """Whether every element of every array (numpy or torch) of a dict or a list is finite: x * 0 is 0
+    for a finite x and nan for inf or nan, with the same arithmetic on both kinds of array."""
+    values = arrays.values() if isinstance(arrays, dict) else arrays
+    return all(bool((a * 0 == 0).all()) for a in values)
+
+
 def sgd(params: dict, grads: dict, lr: float) -> None:
     """The book's `sgd` with batch_size=1 (the loss is already a mean): param -= lr * grad, in place."""
     for name, p in params.items():
@@ -114,6 +121,10 @@ class Optimizer:
     def update(self, name, p, g, lr):
         p -= lr * g
 
+    def buffer_arrays(self) -> list:
+        """Every buffer array (momentum, Adam moments), in no particular order."""
+        return [v for bufs in self.state.values() for v in bufs.values()]
+
     def _buffer(self, kind: str, name: str, p):
         buf = self.state[kind].get(name)
         if buf is None:
@@ -126,12 +137,29 @@ class Optimizer:
         return {"name": self.name, "t": self.t}, arrays
 
     def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray], params: dict) -> None:
-        self.t = int(meta.get("t", 0))
-        for key, array in arrays.items():
+        """Restore `state_dict` output, strictly (ValueError otherwise): this optimizer's name, t >= 0, and
+        once t > 0 every buffer of every parameter (none before), finite, of the parameter's shape and dtype."""
+        name, t = (meta.get("name"), meta.get("t")) if isinstance(meta, dict) else (None, None)
+        if name != self.name:
+            raise ValueError(f"the optimizer state is for {name!r}, not {self.name!r}")
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ValueError(f"the optimizer's step count t must be an integer >= 0, got {t!r}")
+        expected = {f"{kind}.{p}": params[p] for kind in self.buffers for p in params} if t else {}
+        missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"optimizer buffers do not fit the parameters after {t} steps (missing: "
+                             f"{', '.join(missing[:4]) or 'none'}; unexpected: {', '.join(unexpected[:4]) or 'none'})")
+        for key, p in expected.items():
+            a = np.asarray(arrays[key])
+            if a.shape != tuple(p.shape) or a.dtype.name != str(p.dtype).removeprefix("torch."):
+                raise ValueError(f"optimizer buffer {key} is {a.dtype}{list(a.shape)}, its parameter "
+                                 f"{str(p.dtype).removeprefix('torch.')}{list(p.shape)}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"optimizer buffer {key} holds NaN or infinite values")
+        self.t, self.state = t, {kind: {} for kind in self.buffers}
+        for key, p in expected.items():
             kind, name = key.split(".", 1)
-            if kind not in self.state or name not in params or array.shape != tuple(params[name].shape):
-                raise ValueError(f"optimizer buffer {key!r} does not fit the parameters")
-            self.state[kind][name] = like(array, params[name])
+            self.state[kind][name] = like(arrays[key], p)
 
 
 class Momentum(Optimizer):

@@ -52,6 +52,8 @@ def seq_data_iter_sequential(corpus: np.ndarray, batch_size: int, num_steps: int
 def batches(corpus: np.ndarray, batch_size: int, num_steps: int, sampling: str,
             rng: np.random.Generator) -> Iterator[Batch]:
     """One epoch of minibatches from the named sampler."""
+    if batch_size < 1 or num_steps < 1:
+        raise ValueError(f"batch_size and num_steps must be >= 1, got {batch_size} and {num_steps}")
     if sampling == "random":
         return seq_data_iter_random(corpus, batch_size, num_steps, rng)
     if sampling == "sequential":

@@ -4,23 +4,23 @@ Every variant differs from the base (the book's run unless flags say otherwise) 
 input encoding, activation, clipping, truncation of backpropagation, or cell. Each trains into its own
 directory under OUT with the same seed; the results go to OUT/sweep.md (a markdown table), OUT/sweep.json
 and OUT/sweep.png (held-out perplexity against training time, one curve per variant: every run gets the
-same minutes, not the same epochs). A run whose loss stops being finite is reported as diverged, with what
+same minutes, not the same epochs). A run that diverges (see train.py) is reported as diverged, with what
 it reached before, never dropped.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
 from typing import Callable
 
+from . import rundir
 from . import train as training
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import RnnlabError
-from .fileio import atomic_write_text
-from .plots import save_png
+from .fileio import atomic_write_text, dumps_json
+from .plots import PLOT_MAX, save_png
 
 FULL_BPTT = "full-epoch BPTT (no detach)"
 
@@ -58,16 +58,16 @@ def slug(name: str) -> str:
 
 
 def run_variant(name: str, data: DataConfig, model: ModelConfig, train: TrainConfig, out: Path,
-                train_tokens: int) -> dict:
+                train_tokens: int, overwrite: bool = False) -> dict:
     data, model, train = variant_configs(name, data, model, train, train_tokens)
     run = training.new_run(data, model, train)
     status = "ok"
     try:
-        training.fit(run, out / slug(name), log=lambda line: None, progress=False)
-    except RnnlabError as e:
-        if "diverged" not in str(e):
-            raise
-        status = f"diverged at epoch {run.epoch}"
+        training.fit(run, out / slug(name), log=lambda line: None, progress=False, overwrite=overwrite)
+    except training.Diverged:
+        status = f"diverged in epoch {run.epoch + 1}"
+    if run.rollbacks and status == "ok":
+        status = f"ok after {run.rollbacks} rollback{'s' if run.rollbacks > 1 else ''}"
     records = run.records
     last = records[-1] if records else {}
     finite_vals = [r["val_ppl"] for r in records if r.get("val_ppl") is not None]
@@ -108,7 +108,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.add_subplot()
     for r in rows:
-        points = [(s / 60, v) for _, s, v in r["curve"] if v is not None and math.isfinite(v)]
+        points = [(s / 60, v) for _, s, v in r["curve"] if v is not None and math.isfinite(v) and v < PLOT_MAX]
         if points:
             label = r["variant"] + ("" if r["status"] == "ok" else " (diverged)")
             ax.plot(*zip(*points), marker=".", label=label)
@@ -126,23 +126,43 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def sweep(data: DataConfig, model: ModelConfig, train: TrainConfig, out, budget: float,
-          names=tuple(VARIANTS), log: Callable[[str], None] = print) -> list[dict]:
+          names=tuple(VARIANTS), log: Callable[[str], None] = print, overwrite: bool = False) -> list[dict]:
     """Run the named variants of the base configs, each for up to `budget` minutes, and write the table,
-    the JSON and the plot into `out` (rewritten after every run, so a partial sweep is readable)."""
+    the JSON and the plot into `out` (rewritten after every run, so a partial sweep is readable).
+
+    `out` is locked while the sweep runs. One that already holds anything is refused unless `overwrite`
+    is given; then each variant replaces its own earlier run (only rnnlab's files are touched)."""
     out = Path(out)
+    for name in names:
+        if name not in VARIANTS:
+            raise RnnlabError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    if out.exists() and not out.is_dir():
+        raise RnnlabError(f"--out {out} exists and is not a directory")
+    held = rundir.lock(out)
+    try:
+        existing = sorted(e.name for e in out.iterdir() if e.name != rundir.LOCK_FILE)
+        if existing and not overwrite:
+            shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
+            raise RnnlabError(f"--out {out} is not empty (it holds {shown}); pass --overwrite to replace the "
+                              "sweep's runs there, or choose another --out")
+        return _sweep(data, model, train, out, budget, names, log, overwrite)
+    finally:
+        held.release()
+
+
+def _sweep(data, model, train, out: Path, budget, names, log, overwrite) -> list[dict]:
     train = dataclasses.replace(train, time_budget=budget)
     train_tokens = len(training.load_dataset(data).train)
     rows = []
     for name in names:
-        if name not in VARIANTS:
-            raise RnnlabError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        if (out / slug(name)).exists():
-            training.prepare_out(out / slug(name), overwrite=True)
-        rows.append(run_variant(name, data, model, train, out, train_tokens))
+        rows.append(run_variant(name, data, model, train, out, train_tokens, overwrite))
         r = rows[-1]
         log(f"{name:<28} held-out ppl {_fmt(r['val_ppl'], '.2f'):>8}  train ppl {_fmt(r['train_ppl'], '.3f'):>8}"
             f"  {r['epochs']} epochs, {r['wall_s']:.0f} s  {r['status']}")
         atomic_write_text(out / "sweep.md", markdown(rows, data, budget))
-        atomic_write_text(out / "sweep.json", json.dumps(rows, indent=1))
-        plot(rows, out / "sweep.png")
+        atomic_write_text(out / "sweep.json", dumps_json(rows, indent=1))
+        try:
+            plot(rows, out / "sweep.png")
+        except Exception as e:                  # noqa: BLE001 (a plot is never worth the sweep)
+            log(f"could not draw sweep.png ({type(e).__name__}); the table and the JSON are written")
     return rows

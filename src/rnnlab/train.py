@@ -10,9 +10,16 @@ drawn from the run's data-order generator. Train perplexity is exp of the token-
 the epoch.
 
 Every `log_every` epochs (and at the last) the held-out split is scored as one stream, greedy samples are
-drawn, and, with an output directory, metrics.jsonl, the checkpoint and the plot are rewritten atomically;
-a held-out loss better than every earlier one also writes OUT/best. With `patience`, training stops after
-that many evaluations without a better held-out loss.
+drawn, and, with an output directory, metrics.jsonl, the checkpoint and the plot are rewritten atomically
+(rundir.py: one writer, no links, nothing but rnnlab's files); a held-out loss better than every earlier one
+also writes OUT/best. With `patience`, training stops after that many evaluations without a better held-out
+loss.
+
+Divergence: a loss or gradient norm that is not finite, weights or optimizer buffers that are not, or an
+epoch's loss more than ln V above its running level (ln V nats is what guessing uniformly costs) stop the
+run before anything is saved, so the checkpoint on disk is always the last good one. With
+`on_divergence="rollback"` the run instead goes back to that last good state, halves its learning rate and
+continues (at most MAX_ROLLBACKS times); each rollback is recorded in the next metrics record.
 """
 from __future__ import annotations
 
@@ -26,15 +33,17 @@ from typing import Callable
 
 import numpy as np
 
-from . import cells, checkpoint, corpora, evaluate, generate, network, optim, samplers, text
+from . import cells, checkpoint, corpora, evaluate, generate, limits, network, optim, rundir, samplers, text
 from .backends import make_backend
 from .config import RUN_DEFINING, DataConfig, ModelConfig, TrainConfig, to_dict, validate_sizes
 from .errors import RnnlabError
-from .fileio import atomic_write_text
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "perplexity.png"
-BEST_DIR = "best"
+MAX_ROLLBACKS = 5
+ROLLBACK_LR_FACTOR = 0.5
+
+
+class Diverged(RnnlabError):
+    """Training stopped being finite, or its loss jumped far above its running level."""
 
 
 @dataclass
@@ -73,6 +82,15 @@ class Run:
     records: list[dict] = field(default_factory=list)
     best_val_nats: float = math.inf   # best held-out loss so far (nats per token)
     evals_since_best: int = 0         # evaluations since then, for early stopping
+    loss_level: float = math.inf      # lowest epoch training loss so far (nats per token)
+    lr_scale: float = 1.0             # ROLLBACK_LR_FACTOR ** rollbacks: scales the scheduled learning rate
+    rollbacks: int = 0
+    events: list[dict] = field(default_factory=list)   # rollbacks since the last record
+    out: Path | None = None           # the run directory this run last saved to or was loaded from
+    saved_epoch: int | None = None    # the epoch of its checkpoint there
+    notes: list[str] = field(default_factory=list)     # what loading had to say (shown by the CLI)
+    writer: object = None             # the rundir.RunWriter while fit() runs
+    events_logged: set = field(default_factory=set)    # one-time warnings already shown
 
 
 def _generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -104,6 +122,7 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     validate_sizes(data_cfg, model_cfg, train_cfg)
     dataset = load_dataset(data_cfg)
     _check_trainable(dataset, train_cfg)
+    limits.check_train(len(dataset.vocab), model_cfg, train_cfg)       # before any big allocation
     init_rng, data_rng = _generators(train_cfg.seed)
     params = cells.init_params(len(dataset.vocab), model_cfg.num_hiddens, init_rng, np.dtype(train_cfg.dtype),
                                model_cfg.cell, model_cfg.num_layers, model_cfg.embed_size, model_cfg.init)
@@ -118,6 +137,7 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
     what the run computes (num_epochs, log_every, backend, device, prefixes, num_preds, data_dir) are
     applied; one that would change the run (a size, the seed, the corpus, ...) is refused.
     """
+    rundir.check_links(Path(out))
     ckpt = checkpoint.load(out)
     data_cfg, model_cfg, train_cfg, vocab = checkpoint.read_configs(ckpt, out)
     changes = {"data": data or {}, "model": model or {}, "train": train or {}}
@@ -145,11 +165,15 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
         optimizer.load_state_dict(ckpt.optimizer, ckpt.optimizer_arrays, backend.params)
     except (TypeError, ValueError) as e:
         raise RnnlabError(f"corrupt checkpoint {out}: {e}") from None
-    records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
-    best = ckpt.extra.get("best_val_nats")
+    records, note = rundir.records_for(out, ckpt)
+    extra = ckpt.extra
+    best = extra.get("best_val_nats")
+    level = extra.get("loss_level")
     return Run(data_cfg, model_cfg, train_cfg, dataset, backend, rng, optimizer, ckpt.epoch,
-               float(ckpt.extra.get("elapsed_s", 0.0)), records, math.inf if best is None else float(best),
-               int(ckpt.extra.get("evals_since_best", 0)))
+               float(extra.get("elapsed_s", 0.0)), records, math.inf if best is None else float(best),
+               int(extra.get("evals_since_best", 0)), math.inf if level is None else float(level),
+               float(extra.get("lr_scale", 1.0)), int(extra.get("rollbacks", 0)), out=Path(out),
+               saved_epoch=ckpt.epoch, notes=[note] if note else [])
 
 
 @dataclass
@@ -178,10 +202,11 @@ def learning_rate(cfg: TrainConfig, epoch: float) -> float:
 
 def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
                 optimizer: optim.Optimizer | None = None, epoch: int = 0, dropout: float = 0.0,
-                weight_drop: float = 0.0) -> EpochStats:
+                weight_drop: float = 0.0, lr_scale: float = 1.0) -> EpochStats:
     """One pass over the training split (the book's `train_epoch_ch8`); `epoch` counts the epochs done
     before this one, for the learning-rate schedule. Without an optimizer, the book's SGD. Dropout and
-    weight-drop masks come from `rng`, so a resumed run draws the same ones."""
+    weight-drop masks come from `rng`, so a resumed run draws the same ones. Raises Diverged as soon as a
+    minibatch's loss or gradient norm is not finite."""
     stats, state = EpochStats(), None
     optimizer = optimizer or optim.Optimizer()
     arch = getattr(backend, "arch", None)
@@ -195,15 +220,32 @@ def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
                                       dtype) if dropout else None
         weight_masks = network.weight_drop_masks(rng, weight_drop, arch, dtype) if weight_drop else None
         loss, grads, state = loss_and_grads(backend, X, Y, state, masks, weight_masks)   # state detached
-        _, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
+        norm, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise Diverged(f"the {'loss' if not math.isfinite(loss) else 'gradient'} is not finite in "
+                           f"minibatch {stats.steps + 1}")
         progress = epoch + min((stats.steps + 1) / approx_batches, 1.0)
-        optimizer.step(backend.params, grads, learning_rate(cfg, progress))
+        optimizer.step(backend.params, grads, lr_scale * learning_rate(cfg, progress))
         stats.nll_sum += loss * Y.size
         stats.tokens += Y.size
         stats.steps += 1
         stats.clipped += clipped
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def divergence(run: Run, stats: EpochStats) -> str | None:
+    """Why the epoch just trained counts as diverged, or None: weights or optimizer buffers that are not
+    finite, or a loss more than ln V above the lowest epoch loss so far (or above 2 ln V at first)."""
+    if not optim.all_finite(run.backend.params):
+        return "the weights are not finite"
+    if not optim.all_finite(run.optimizer.buffer_arrays()):
+        return "the optimizer's running averages are not finite"
+    nats, log_v = stats.nll_sum / max(stats.tokens, 1), math.log(len(run.dataset.vocab))
+    level = min(run.loss_level, log_v)
+    if not nats <= level + log_v:
+        return f"the loss ({nats:.4g} nats/token) is far above its running level ({level:.4g})"
+    return None
 
 
 def loss_and_grads(backend, X, Y, state, masks=None, weight_masks: dict | None = None):
@@ -245,20 +287,26 @@ def _finite(x: float):
 
 def make_record(run: Run, epoch: EpochStats, window: EpochStats, val: dict, sample_text: dict) -> dict:
     """One metrics.jsonl line: train ppl of the latest epoch; speed and clipping over the epochs since the
-    previous record, training time only."""
+    previous record, training time only; the rollbacks since then, if any."""
     bits = val["bits_per_token"]
-    return {"epoch": run.epoch, "train_ppl": _finite(epoch.ppl), "val_ppl": _finite(val["perplexity"]),
-            "val_bpc": _finite(bits) if run.data_cfg.token == "char" else None,
-            "val_bits_per_token": _finite(bits), "val_tokens": val["tokens"],
-            "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
-            "lr": learning_rate(run.train_cfg, run.epoch),
-            "clip_frac": window.clipped / max(window.steps, 1), "elapsed_s": round(run.elapsed_s, 3),
-            "samples": sample_text}
+    record = {"epoch": run.epoch, "train_ppl": _finite(epoch.ppl), "val_ppl": _finite(val["perplexity"]),
+              "val_bpc": _finite(bits) if run.data_cfg.token == "char" else None,
+              "val_bits_per_token": _finite(bits), "val_tokens": val["tokens"],
+              "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+              "lr": run.lr_scale * learning_rate(run.train_cfg, run.epoch),
+              "clip_frac": window.clipped / max(window.steps, 1), "elapsed_s": round(run.elapsed_s, 3),
+              "samples": sample_text}
+    if run.events:
+        record["rollbacks"], run.events = run.events, []
+    return record
 
 
 def num(x, fmt: str) -> str:
-    """A metric for display; None stands for a value that overflowed (an infinite perplexity)."""
-    return format(x, fmt) if x is not None else "inf"
+    """A metric for display; None stands for a value that overflowed (an infinite perplexity). Values too
+    large for fixed-point notation are shown in scientific notation rather than with hundreds of digits."""
+    if x is None or not math.isfinite(x):
+        return "inf"
+    return format(x, fmt) if abs(x) < 1e6 else format(x, ".3e")
 
 
 def format_record(r: dict) -> str:
@@ -269,109 +317,168 @@ def format_record(r: dict) -> str:
 
 
 def read_metrics(out) -> list[dict]:
-    path = Path(out) / METRICS_FILE
-    if not path.is_file():
-        return []
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RnnlabError(f"{path} is damaged ({e}); move it away to resume without the earlier metrics") \
-            from None
+    """The records of OUT/metrics.jsonl (see rundir.read_metrics)."""
+    return rundir.read_metrics(out)
 
 
-def save_run(run: Run, out, best: bool = False) -> None:
-    """Metrics, checkpoint and plot, each written atomically. Metrics go first: a crash between the two
-    leaves metrics one record ahead, which resuming drops, rather than a checkpoint whose record is lost.
-    With `best`, the same checkpoint is also written to OUT/best (the model early stopping keeps)."""
-    from .plots import plot_perplexity
-    out = Path(out)
+def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
+    """The run's state as a checkpoint: weights, optimizer buffers, RNG, records and counters (numpy
+    copies, so it stays valid while training goes on)."""
+    params = run.backend.numpy_params()
+    opt_meta, opt_arrays = run.optimizer.state_dict()
+    if not (optim.all_finite(params) and optim.all_finite(opt_arrays)):
+        raise Diverged("the weights or the optimizer's running averages are not finite")
     cfg = {"data": to_dict(run.data_cfg), "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg)}
     extra = {"corpus_path": str(run.dataset.path), "corpus_sha256": run.dataset.sha256,
              "train_tokens": len(run.dataset.train), "val_tokens": len(run.dataset.val),
              "backend": run.backend.name, "elapsed_s": run.elapsed_s,
              "metrics": run.records[-1] if run.records else None,
              "best_val_nats": _finite(run.best_val_nats), "evals_since_best": run.evals_since_best,
+             "loss_level": _finite(run.loss_level), "lr_scale": run.lr_scale, "rollbacks": run.rollbacks,
              "vocab_token_freqs": [list(tf) for tf in run.dataset.vocab.token_freqs]}
-    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in run.records))
-    opt_meta, opt_arrays = run.optimizer.state_dict()
-    ckpt = checkpoint.Checkpoint(
-        params=run.backend.numpy_params(), config=cfg, vocab=run.dataset.vocab.idx_to_token, epoch=run.epoch,
-        rng_state=run.rng.bit_generator.state, optimizer=opt_meta, extra=extra, optimizer_arrays=opt_arrays)
-    checkpoint.save(out, ckpt)
-    if best:
-        checkpoint.save(out / BEST_DIR, ckpt)
-    plot_perplexity(run.records, out / PLOT_FILE, title=f"{run.data_cfg.corpus}: {run.model_cfg.cell}, "
-                                                        f"H={run.model_cfg.num_hiddens}")
+    return checkpoint.Checkpoint(params=params, config=cfg, vocab=run.dataset.vocab.idx_to_token,
+                                 epoch=run.epoch, rng_state=run.rng.bit_generator.state, optimizer=opt_meta,
+                                 extra=extra, optimizer_arrays=opt_arrays)
 
 
-def prepare_out(out, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked; with `overwrite`, remove only rnnlab's own files."""
+def restore(run: Run, ckpt: checkpoint.Checkpoint) -> None:
+    """Put `run` back to the state saved in `ckpt` (weights, optimizer, RNG, epoch, records, counters);
+    the learning-rate scale, the rollback count and the wall time carry on."""
+    run.backend = _backend(ckpt.params, run.model_cfg, run.train_cfg)
+    run.optimizer = _optimizer(run.train_cfg)
+    run.optimizer.load_state_dict(ckpt.optimizer, ckpt.optimizer_arrays, run.backend.params)
+    run.rng.bit_generator.state = ckpt.rng_state
+    run.epoch = ckpt.epoch
+    run.records = [r for r in run.records if r["epoch"] <= ckpt.epoch]
+    extra = ckpt.extra
+    run.best_val_nats = math.inf if extra["best_val_nats"] is None else extra["best_val_nats"]
+    run.evals_since_best = extra["evals_since_best"]
+    run.loss_level = math.inf if extra["loss_level"] is None else extra["loss_level"]
+
+
+def roll_back(run: Run, last_good: checkpoint.Checkpoint, reason: str, log: Callable[[str], None]) -> None:
+    """Go back to the last good state with a smaller learning rate, or raise Diverged when the rollbacks
+    are used up."""
+    diverged_in = run.epoch + 1
+    if run.rollbacks >= MAX_ROLLBACKS:
+        raise Diverged(f"training diverged in epoch {diverged_in} ({reason}) after {run.rollbacks} rollbacks")
+    restore(run, last_good)
+    run.rollbacks += 1
+    run.lr_scale *= ROLLBACK_LR_FACTOR
+    run.events.append({"diverged_in_epoch": diverged_in, "reason": reason, "back_to_epoch": run.epoch,
+                       "lr_scale": run.lr_scale})
+    log(f"diverged in epoch {diverged_in} ({reason}); back to epoch {run.epoch} with the learning rate "
+        f"x{run.lr_scale:g}")
+
+
+def _stop_message(run: Run, reason: str, writer) -> str:
+    kept = (f"the checkpoint in {writer.out} stays at epoch {writer.saved_epoch}"
+            if writer is not None and writer.saved_epoch is not None else "nothing was saved")
+    return (f"training diverged in epoch {run.epoch + 1} ({reason}); {kept}; try a smaller --lr, clipping "
+            "(--clip), or --on-divergence rollback")
+
+
+def _plot(run: Run, path: Path, log: Callable[[str], None]) -> None:
+    """Redraw the perplexity plot. A plot is never worth a run: any failure is reported once and training
+    goes on."""
+    from .plots import plot_perplexity
+    try:
+        plot_perplexity(run.records, path, title=f"{run.data_cfg.corpus}: {run.model_cfg.cell}, "
+                                                 f"H={run.model_cfg.num_hiddens}")
+    except Exception as e:                      # noqa: BLE001 (matplotlib raises many kinds)
+        if "plot" not in run.events_logged:
+            run.events_logged.add("plot")
+            log(f"could not draw {path.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "training goes on")
+
+
+def open_writer(run: Run, out, overwrite: bool = False) -> rundir.RunWriter:
+    """Lock and check the run directory `out` for `run` (see rundir.RunWriter); a resumed (or continued)
+    run must find its own checkpoint there. Close it when done, or use it as a context manager."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RnnlabError(f"--out {out} exists and is not a directory")
-    if checkpoint.exists(out):
-        if not overwrite:
-            raise RnnlabError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
-                              "replace it, or choose another --out")
-        for folder in (out, out / BEST_DIR):
-            for name in [checkpoint.META_FILE, METRICS_FILE, PLOT_FILE]:
-                (folder / name).unlink(missing_ok=True)
-            for old in [*folder.glob("weights-e*.safetensors"), *folder.glob(".*.tmp")]:
-                old.unlink()
-        if (out / BEST_DIR).is_dir() and not any((out / BEST_DIR).iterdir()):
-            (out / BEST_DIR).rmdir()
-    out.mkdir(parents=True, exist_ok=True)
+    resume_epoch = run.saved_epoch if run.out is not None and run.out.resolve() == out.resolve() else None
+    if resume_epoch is None and run.epoch > 0 and not overwrite and rundir.is_run(out):
+        raise RnnlabError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
+                          "it, or choose another --out")
+    writer = rundir.RunWriter(out, overwrite, resume_epoch)
+    writer.open()
+    return writer
 
 
-def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: bool = True) -> list[dict]:
+def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: bool = True,
+        overwrite: bool = False) -> list[dict]:
     """Train up to `run.train_cfg.num_epochs`, evaluating, logging and checkpointing every `log_every`.
 
-    `log` receives one line per logged epoch (default: printed above the progress bar).
+    `log` receives one line per logged epoch (default: printed above the progress bar). `out` is a run
+    directory, locked for the whole call (`overwrite` lets a new run replace the one there, at its first
+    save), or a RunWriter already opened by `open_writer`, which the caller closes.
     """
     from tqdm.auto import tqdm
     log = log or tqdm.write
     cfg = run.train_cfg
     _check_trainable(run.dataset, cfg)
-    if out is not None and run.epoch == 0:
-        prepare_out(out, overwrite=False)       # a new run never clobbers one already saved there
-    window = EpochStats()       # training since the last log: tokens/s and train ppl of the interval
+    owned = out is not None and not isinstance(out, rundir.RunWriter)
+    writer = open_writer(run, out, overwrite) if owned else out
+    run.writer = writer
     bar = tqdm(total=cfg.num_epochs, initial=run.epoch, unit="epoch", disable=not progress or None,
                leave=False, dynamic_ncols=True)
-    session_start, elapsed_before = time.perf_counter(), run.elapsed_s
     try:
-        while run.epoch < cfg.num_epochs:
-            with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught just below
-                stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
-                                    run.model_cfg.dropout, run.model_cfg.weight_drop)
-            run.epoch += 1
-            bar.update(1)
-            bar.set_postfix(ppl=f"{stats.ppl:.3f}")
-            window.add(stats)
-            if not math.isfinite(stats.nll_sum):
-                raise RnnlabError(f"training diverged at epoch {run.epoch} (loss is not finite); "
-                                  "try a smaller --lr or turn clipping on with --clip")
-            train_minutes = (elapsed_before + time.perf_counter() - session_start) / 60
-            out_of_time = cfg.time_budget > 0 and train_minutes >= cfg.time_budget
-            if run.epoch % cfg.log_every == 0 or run.epoch == cfg.num_epochs or out_of_time:
-                val = evaluate.score_stream(run.backend, run.dataset.val)
-                improved = val["nats_per_token"] < run.best_val_nats
-                if improved:
-                    run.best_val_nats, run.evals_since_best = val["nats_per_token"], 0
-                else:
-                    run.evals_since_best += 1
-                run.elapsed_s = elapsed_before + time.perf_counter() - session_start
-                run.records.append(make_record(run, stats, window, val, samples(run)))
-                log(format_record(run.records[-1]))
-                if out is not None:
-                    save_run(run, out, best=improved)
-                window = EpochStats()
-                if cfg.patience and run.evals_since_best >= cfg.patience:
-                    log(f"early stop at epoch {run.epoch}: no better held-out loss in {cfg.patience} "
-                        f"evaluations (best {math.exp(run.best_val_nats):.3f} ppl, kept in {BEST_DIR}/)")
-                    break
-                if out_of_time:
-                    log(f"time budget of {cfg.time_budget:g} min reached at epoch {run.epoch}")
-                    break
+        _loop(run, writer, log, bar)
     finally:
         bar.close()
+        if writer is not None:
+            run.out, run.saved_epoch = writer.out, writer.saved_epoch
+            if owned:
+                writer.close()
     return run.records
+
+
+def _loop(run: Run, writer, log: Callable[[str], None], bar) -> None:
+    cfg = run.train_cfg
+    window = EpochStats()       # training since the last log: tokens/s and train ppl of the interval
+    session_start, elapsed_before = time.perf_counter(), run.elapsed_s
+    last_good = make_checkpoint(run)
+    while run.epoch < cfg.num_epochs:
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught just below
+                stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
+                                    run.model_cfg.dropout, run.model_cfg.weight_drop, run.lr_scale)
+                reason = divergence(run, stats)
+        except Diverged as e:
+            reason = str(e)
+        if reason is not None:
+            if cfg.on_divergence != "rollback":
+                raise Diverged(_stop_message(run, reason, writer))
+            roll_back(run, last_good, reason, log)
+            bar.n = run.epoch
+            window = EpochStats()
+            continue
+        run.epoch += 1
+        run.loss_level = min(run.loss_level, stats.nll_sum / max(stats.tokens, 1))
+        bar.update(1)
+        bar.set_postfix(ppl=f"{stats.ppl:.3f}")
+        window.add(stats)
+        train_minutes = (elapsed_before + time.perf_counter() - session_start) / 60
+        out_of_time = cfg.time_budget > 0 and train_minutes >= cfg.time_budget
+        if run.epoch % cfg.log_every == 0 or run.epoch == cfg.num_epochs or out_of_time:
+            val = evaluate.score_stream(run.backend, run.dataset.val)
+            improved = val["nats_per_token"] < run.best_val_nats
+            if improved:
+                run.best_val_nats, run.evals_since_best = val["nats_per_token"], 0
+            else:
+                run.evals_since_best += 1
+            run.elapsed_s = elapsed_before + time.perf_counter() - session_start
+            run.records.append(make_record(run, stats, window, val, samples(run)))
+            log(format_record(run.records[-1]))
+            last_good = make_checkpoint(run)
+            if writer is not None:
+                writer.save(last_good, run.records, best=improved)
+                _plot(run, writer.plot_path, log)
+            window = EpochStats()
+            if cfg.patience and run.evals_since_best >= cfg.patience:
+                log(f"early stop at epoch {run.epoch}: no better held-out loss in {cfg.patience} "
+                    f"evaluations (best {math.exp(run.best_val_nats):.3f} ppl, kept in {rundir.BEST_DIR}/)")
+                break
+            if out_of_time:
+                log(f"time budget of {cfg.time_budget:g} min reached at epoch {run.epoch}")
+                break
