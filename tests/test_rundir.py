@@ -227,3 +227,39 @@ def test_is_own_weights_checks_the_content_hash(tmp_path):
     forged = tmp_path / "weights-e000001-000000000000.safetensors"
     forged.write_bytes(b"weights")
     assert not checkpoint.is_own_weights(forged)
+
+
+DAMAGED_METRICS = [
+    "[" * 100000,                                            # deep nesting
+    '{"epoch": -1, "val_ppl": 3.0}',                          # negative epoch
+    '{"epoch": true}',                                        # bool epoch
+    '{"epoch": 1, "val_ppl": "high"}',                        # wrong type
+    '{"epoch": 1, "val_ppl": NaN}',                           # not JSON
+    '["epoch", 1]',                                           # not a record
+    '{"val_ppl": 3.0}',                                       # no epoch
+    '{"epoch": 1, "samples": {"a": 3}}',                      # samples must be text
+    "\udcff",                                                 # not UTF-8 once written
+]
+
+
+@pytest.mark.parametrize("line", DAMAGED_METRICS)
+def test_damaged_metrics_are_one_line_and_left_for_the_user(capsys, tmp_path, line):
+    out = tmp_path / "run"
+    assert train_cli(capsys, out, "--num-epochs", "1")[0] == 0
+    damaged = (line + "\n").encode("utf-8", "surrogateescape")
+    (out / "metrics.jsonl").write_bytes(damaged)
+    code, err = train_cli(capsys, out, "--num-epochs", "2", "--resume")
+    assert code == 1 and "metrics.jsonl is damaged" in one_line(err)
+    assert (out / "metrics.jsonl").read_bytes() == damaged
+    assert cli.main(["eval", "--checkpoint", str(out)]) == 0          # the checkpoint itself is fine
+
+
+def test_a_read_only_out_is_refused_before_training(capsys, tmp_path, monkeypatch):
+    """(Root may write anywhere, so the permission answer is simulated.)"""
+    out = tmp_path / "run"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == out else real_access(p, mode))
+    code, err = train_cli(capsys, out)
+    assert code == 1 and "cannot write to --out" in one_line(err)
+    assert not list(out.iterdir())

@@ -21,6 +21,7 @@ The rules:
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -114,19 +115,16 @@ def read_metrics(out) -> list[dict]:
 
 def records_for(out, ckpt: checkpoint.Checkpoint) -> tuple[list[dict], str | None]:
     """The metrics records that belong to checkpoint `ckpt` of `out`, and a note when some had to be
-    dropped. Records after the checkpoint's epoch (written just before a crash) are dropped silently; if
-    the last remaining record is not the checkpoint's own (the metrics of a run this one replaced, or an
-    edited file), only the checkpoint's record is kept."""
+    dropped. Records after the checkpoint's epoch (written just before a crash) are dropped silently. If
+    the last remaining record is not the checkpoint's own (the metrics of the run this one replaced, left
+    by a crash between the new checkpoint and its metrics), only the checkpoint's record is kept. A damaged
+    file is an error: the user decides what to do with it, nothing overwrites it."""
     own = ckpt.extra.get("metrics")
-    try:
-        records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
-    except RnnlabError as e:
-        records, note = [], str(e)
-    else:
-        if own is None or (records and records[-1] == own):
-            return records, None
-        note = f"{Path(out) / METRICS_FILE} does not match the checkpoint"
-    return ([own] if own is not None else []), f"{note}; keeping only the checkpoint's own record"
+    records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
+    if own is None or (records and records[-1] == own):
+        return records, None
+    return [own], (f"{Path(out) / METRICS_FILE} does not match the checkpoint (epoch {ckpt.epoch}); keeping "
+                   "only the checkpoint's own record")
 
 
 def lock(folder: Path) -> FileLock:
@@ -172,6 +170,9 @@ class RunWriter:
         out = self.out
         if out.exists() and not out.is_dir():
             raise RnnlabError(f"--out {out} exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise RnnlabError(f"cannot write to --out {out} (permission denied)")
         self._lock = lock(out)
         try:
             check_links(out)
