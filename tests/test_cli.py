@@ -145,8 +145,8 @@ LITERAL_DEFAULTS = {
               "--num-steps": "35", "--lr": "1.0", "--num-epochs": "500", "--corpus": "'timemachine'",
               "--prefixes": "'time traveller' 'traveller'", "--data-dir": "None"},
     "generate": {"--prefix": "'time traveller'", "--num-chars": "50", "--temperature": "0.0", "--seed": "0",
-                 "--num-samples": "1", "--device": "cpu"},
-    "eval": {"--split": "val", "--device": "cpu"},
+                 "--num-samples": "1", "--device": "auto"},
+    "eval": {"--split": "val", "--device": "auto"},
     "corpora": {},
     "baseline": {"--order": "5", "--corpus": "'timemachine'"},
 }

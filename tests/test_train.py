@@ -225,15 +225,19 @@ class RecordingBackend:
         return 1.0, {"w": np.ones(1)}, new
 
 
-@pytest.mark.parametrize("sampling", ["sequential", "random"])
-def test_state_handling_follows_the_book(sampling):
+@pytest.mark.parametrize("sampling, state, resets", [("sequential", "auto", False), ("random", "auto", True),
+                                                     ("sequential", "reset", True), ("random", "carry", False),
+                                                     ("sequential", "carry", False), ("random", "reset", True)])
+def test_state_handling_follows_the_book(sampling, state, resets):
+    """auto keeps the book's pairs; reset with sequential minibatches is what the book's train_ch8 does with
+    use_random_iter=True on the sequential iterator."""
     backend = RecordingBackend()
-    cfg = TrainConfig(batch_size=3, num_steps=4, sampling=sampling, theta=0.5, lr=0.1)
+    cfg = TrainConfig(batch_size=3, num_steps=4, sampling=sampling, state=state, theta=0.5, lr=0.1)
     stats = train.train_epoch(backend, np.arange(200) % 7, cfg, np.random.default_rng(0))
     assert stats.steps == len(backend.received) > 2
     assert not backend.received[0].any()                       # every epoch starts from zeros
     for k in range(1, stats.steps):
-        if sampling == "random":
+        if resets:
             assert not backend.received[k].any()               # fresh state for every minibatch
         else:
             np.testing.assert_array_equal(backend.received[k], backend.returned[k - 1])   # carried
@@ -279,3 +283,21 @@ def test_crash_between_metrics_and_checkpoint_loses_no_record(tmp_path, monkeypa
     assert resumed.epoch == 2 and [r["epoch"] for r in resumed.records] == [2]
     train.fit(resumed, tmp_path, progress=False, log=lambda s: None)
     assert [r["epoch"] for r in train.read_metrics(tmp_path)] == [2, 4]
+
+
+def test_device_auto_is_the_books_try_gpu(monkeypatch):
+    from rnnlab.backends import resolve_device
+    assert resolve_device("auto", "numpy") == "cpu"
+    assert resolve_device("cuda:1", "torch") == "cuda:1"             # given devices pass through
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", "torch") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", "torch") == "cuda"
+
+
+def test_the_run_records_the_device_it_chose(tmp_path):
+    run = run_with(num_epochs=1)
+    assert run.train_cfg.device == "auto"
+    train.fit(run, tmp_path, progress=False, log=lambda s: None)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["device"] == "cpu"

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from . import __version__, presets
+from .backends import device_of, resolve_device
 from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 from .errors import RnnlabError
 from .fileio import dumps_json
@@ -110,7 +111,8 @@ def given(ns: argparse.Namespace, cls) -> dict:
 def _add_backend_args(parser) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch"),
                         help="auto: torch when installed, else numpy (default: auto)")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default: cpu)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when present, else cpu), cpu, "
+                        "cuda, cuda:N (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,11 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(ns) -> int:
     from . import train as training
-    from .fileio import dumps_json
     data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
     if ns.preset:
         data, model, train_cfg = presets.apply(ns.preset, data, model, train_cfg)
-    check_device(train_cfg.get("device", "cpu"))
+    check_device(train_cfg.get("device", "auto"))
     if ns.resume:
         if not ns.out or ns.overwrite:
             raise RnnlabError("--resume needs --out DIR, the run to continue (and no --overwrite)")
@@ -226,7 +227,8 @@ def cmd_train(ns) -> int:
         print(f"resuming {ns.out} at epoch {run.epoch} of {run.train_cfg.num_epochs}", file=sys.stderr)
     d, c = run.dataset, run.train_cfg
     print(f"corpus {d.path.name}: {len(d.train):,} training / {len(d.val):,} held-out tokens, "
-          f"vocab {len(d.vocab)}; backend {run.backend.name}, {c.dtype}, device {c.device}", file=sys.stderr)
+          f"vocab {len(d.vocab)}; backend {run.backend.name}, {c.dtype}, device {device_of(run.backend)}",
+          file=sys.stderr)
     try:
         # with --json, stdout carries only the result: log lines go to stderr
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if ns.json else None
@@ -273,7 +275,7 @@ def cmd_generate(ns) -> int:
         raise RnnlabError(f"--num-samples must be positive, got {ns.num_samples}")
     check_device(ns.device)
     # decoding one token at a time is latency-bound: on the CPU, numpy's small calls beat torch's
-    backend = "numpy" if ns.backend == "auto" and ns.device == "cpu" else ns.backend
+    backend = "numpy" if ns.backend == "auto" and resolve_device(ns.device) == "cpu" else ns.backend
     m = load_model(ns.checkpoint, backend, ns.device)
     tokens = text.tokenize(text.normalize_prefix(g.prefix, m.data_cfg.preprocess), m.data_cfg.token)
     if len(tokens) == 0:
@@ -390,7 +392,7 @@ def cmd_corpora(ns) -> int:
 
 def check_device(device: str) -> None:
     """Refuse, before any work, a torch device this machine cannot run on: cpu, cuda and cuda:N only."""
-    if device == "cpu":
+    if device in ("cpu", "auto"):
         return
     try:
         import torch

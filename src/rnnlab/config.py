@@ -89,9 +89,13 @@ class TrainConfig:
     sampling: str = option("sequential", "minibatch sampling: sequential partitioning carries the hidden "
                                          "state across minibatches; random re-initialises it each minibatch",
                            choices=("sequential", "random"))
+    state: str = option("auto", "hidden state between minibatches: carry (the previous minibatch's final state, "
+                                "detached), reset (zeros before every minibatch), or auto: carry with sequential "
+                                "sampling, reset with random sampling", choices=("auto", "carry", "reset"))
     seed: int = option(0, "seed for the initial weights and the data order")
     backend: str = option("auto", "auto: torch when installed, else numpy", choices=("auto", "numpy", "torch"))
-    device: str = option("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
+    device: str = option("auto", "torch device: auto (cuda when present, else cpu, like the book's try_gpu), cpu, "
+                                 "cuda, cuda:N", metavar="DEVICE")
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "float64"))
     matmul_dtype: str = option("same", "torch: dtype of matmul operands; bfloat16 keeps float32 master "
                                        "weights, states and sums", choices=("same", "bfloat16"))
@@ -130,8 +134,14 @@ RUN_DEFINING = {
     "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "data_dir"),
     "model": tuple(f.name for f in dataclasses.fields(ModelConfig)),
     "train": ("batch_size", "num_steps", "lr", "theta", "clip_mode", "optimizer", "momentum", "weight_decay",
-              "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "seed", "dtype"),
+              "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "state", "seed", "dtype"),
 }
+
+
+def resets_state(train: TrainConfig) -> bool:
+    """Whether every minibatch starts from a zero state: `--state reset`, or `auto` with random sampling
+    (whose neighbouring rows are not neighbours in the text)."""
+    return train.state == "reset" or (train.state == "auto" and train.sampling == "random")
 
 
 def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cells, checkpoint, corpora, evaluate, limits, optim, rundir, samplers, text
-from .backends import make_backend
+from .backends import device_of, make_backend
 from .config import RUN_DEFINING, DataConfig, ModelConfig, TrainConfig, to_dict, validate_sizes
 from .errors import Diverged, RnnlabError
 
@@ -168,7 +168,7 @@ def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
     cfg = {"data": to_dict(run.data_cfg), "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg)}
     extra = {"corpus_path": str(run.dataset.path), "corpus_sha256": run.dataset.sha256,
              "train_tokens": len(run.dataset.train), "val_tokens": len(run.dataset.val),
-             "backend": run.backend.name, "elapsed_s": run.elapsed_s,
+             "backend": run.backend.name, "device": device_of(run.backend), "elapsed_s": run.elapsed_s,
              "metrics": run.records[-1] if run.records else None,
              "best_val_nats": finite_or_none(run.best_val_nats), "evals_since_best": run.evals_since_best,
              "loss_level": finite_or_none(run.loss_level), "lr_scale": run.lr_scale, "rollbacks": run.rollbacks,

@@ -2,12 +2,12 @@
 
 Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
 
-One epoch is the book's `train_epoch_ch8`: for each (X, Y) minibatch, a fresh zero state when sampling is
-random (or at the start of the epoch), otherwise the previous minibatch's final state, detached; mean
-cross-entropy over the T*B predictions; gradients clipped (global norm theta, the book's, or per element);
-an update (SGD, the book's, or momentum / Adam / AdamW at the scheduled learning rate). Dropout masks are
-drawn from the run's data-order generator. Train perplexity is exp of the token-weighted mean loss over
-the epoch.
+One epoch is the book's `train_epoch_ch8`: for each (X, Y) minibatch, a fresh zero state at the start of the
+epoch and, when the state is reset (`--state reset`, or random sampling), before every minibatch; otherwise
+the previous minibatch's final state, detached; mean cross-entropy over the T*B predictions; gradients
+clipped (global norm theta, the book's, or per element); an update (SGD, the book's, or momentum / Adam /
+AdamW at the scheduled learning rate). Dropout masks are drawn from the run's data-order generator. Train
+perplexity is exp of the token-weighted mean loss over the epoch.
 
 Every `log_every` epochs (and at the last) the held-out split is scored as one stream, greedy samples are
 drawn, and, with an output directory, metrics.jsonl, the checkpoint and the plot are rewritten atomically
@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from . import checkpoint, evaluate, generate, network, optim, rundir, samplers, text
-from .config import TrainConfig
+from .config import TrainConfig, resets_state
 from .errors import Diverged, RnnlabError
 from .runstate import Run, _check_trainable, finite_or_none, make_checkpoint, restore
 from .runstate import load_dataset, new_run, resume_run  # noqa: F401  (the library's entry points, used via train)
@@ -73,14 +73,14 @@ def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
     before this one, for the learning-rate schedule. Without an optimizer, the book's SGD. Dropout and
     weight-drop masks come from `rng`, so a resumed run draws the same ones. Raises Diverged as soon as a
     minibatch's loss or gradient norm is not finite."""
-    stats, state = EpochStats(), None
+    stats, state, reset = EpochStats(), None, resets_state(cfg)
     optimizer = optimizer or optim.Optimizer()
     arch = getattr(backend, "arch", None)
     dtype = np.dtype(cfg.dtype)
     approx_batches = max((len(corpus) - 1) // (cfg.batch_size * cfg.num_steps), 1)
     start = time.perf_counter()
     for X, Y in samplers.batches(corpus, cfg.batch_size, cfg.num_steps, cfg.sampling, rng):
-        if state is None or cfg.sampling == "random":
+        if state is None or reset:
             state = backend.begin_state(X.shape[0])
         masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens,
                                       dtype) if dropout else None

@@ -39,6 +39,23 @@ def resolve(name: str) -> str:
     return name
 
 
+def resolve_device(device: str, backend: str = "auto") -> str:
+    """'auto' -> 'cuda' when the backend is torch and CUDA is present (the book's `try_gpu()`), else 'cpu';
+    any other device is returned as given."""
+    if device != "auto":
+        return device
+    if resolve(backend) == "torch":
+        import torch
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def device_of(backend) -> str:
+    """The device a backend runs on, as text ('cpu', 'cuda:0', ...)."""
+    return str(getattr(backend, "device", "cpu"))
+
+
 def make_backend(name: str, params: dict, activation: str = "tanh", device: str = "cpu",
                  onehot_input: bool = False, torch_impl: str = "fused", matmul_dtype: str = "same",
                  dropout: float = 0.0):
@@ -51,6 +68,7 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
     fused path, by torch.autocast in the others.
     """
     name = resolve(name)
+    device = resolve_device(device, name)
     if name == "numpy":
         if device != "cpu" or matmul_dtype != "same":
             raise RnnlabError("the numpy backend runs on the CPU in the parameters' dtype only")
