@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="print the final metrics as JSON (default: off)")
     train.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     train.add_argument("--preset", choices=tuple(presets.PRESETS),
-                       help="start from named settings (book: the §8.5 run; timemachine, shakespeare: the best "
-                            "measured for that corpus); flags given override them (default: none, i.e. the book's)")
+                       help="start from named settings (book: the §8.5 run; legacy: the early notebook's run; "
+                            "timemachine, shakespeare: the best measured for that corpus); flags given override "
+                            "them (default: none, i.e. the book's)")
     for cls in (DataConfig, ModelConfig, TrainConfig):
         add_config_args(train, cls)
 

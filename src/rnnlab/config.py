@@ -32,8 +32,10 @@ class DataConfig:
     data_dir: str | None = option(None, "directory searched first for named corpora (then $RNNLAB_DATA, "
                                         "the cache)", metavar="DIR")
     preprocess: str = option("d2l", "d2l: the book's per-line [^A-Za-z]+ -> space, strip, lower; "
-                                    "letters: the same over the whole text; raw: every character kept",
-                             choices=("d2l", "letters", "raw"))
+                                    "letters: the same over the whole text; raw: every character kept; legacy: "
+                                    "the early notebook's lower-cased text with whitespace collapsed and its "
+                                    "vocabulary over the training text",
+                             choices=("d2l", "letters", "raw", "legacy"))
     token: str = option("char", "token type", choices=("char", "word"))
     max_tokens: int = option(10000, "train on at most the first N tokens of the training split (<= 0: all)")
     val_fraction: float = option(0.1, "last fraction of the encoded corpus held out, never trained on")
@@ -86,9 +88,10 @@ class TrainConfig:
                                         "rollback (go back to it, halve the learning rate and continue)",
                                 choices=("stop", "rollback"))
     num_epochs: int = option(500, "train up to this epoch (with --resume: continue up to it)")
-    sampling: str = option("sequential", "minibatch sampling: sequential partitioning carries the hidden "
-                                         "state across minibatches; random re-initialises it each minibatch",
-                           choices=("sequential", "random"))
+    sampling: str = option("sequential", "minibatch sampling: sequential partitioning (streams that continue "
+                                         "from one minibatch to the next), random (shuffled windows), or the "
+                                         "early notebook's legacy-random and legacy-consecutive",
+                           choices=("sequential", "random", "legacy-random", "legacy-consecutive"))
     state: str = option("auto", "hidden state between minibatches: carry (the previous minibatch's final state, "
                                 "detached), reset (zeros before every minibatch), or auto: carry with sequential "
                                 "sampling, reset with random sampling", choices=("auto", "carry", "reset"))
@@ -109,6 +112,7 @@ class TrainConfig:
                                 metavar="MINUTES")
     prefixes: tuple[str, ...] = option(("time traveller", "traveller"), "prefixes sampled greedily at each log")
     num_preds: int = option(50, "characters generated per logged sample")
+    sample_every: int = option(0, "draw the logged samples every N epochs, at an evaluation (0: at every one)")
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ RUN_DEFINING = {
 def resets_state(train: TrainConfig) -> bool:
     """Whether every minibatch starts from a zero state: `--state reset`, or `auto` with random sampling
     (whose neighbouring rows are not neighbours in the text)."""
-    return train.state == "reset" or (train.state == "auto" and train.sampling == "random")
+    return train.state == "reset" or (train.state == "auto" and train.sampling in ("random", "legacy-random"))
 
 
 def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
@@ -173,6 +177,7 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
         raise RnnlabError(f"--matmul-dtype bfloat16 keeps float32 master weights; it needs --dtype float32, "
                           f"not {train.dtype}")
     _non_negative("--num-preds", train.num_preds)
+    _non_negative("--sample-every", train.sample_every)
     _non_negative("--seed", train.seed)
     if not 0.0 < data.val_fraction < 1.0:
         raise RnnlabError(f"--val-fraction must be in (0, 1), got {data.val_fraction}")

@@ -1,6 +1,8 @@
 """Named sets of settings for `rnnlab train --preset NAME`; flags given with the preset override it.
 
-Each preset is a partial config per section (data, model, train). `book` is the §8.5 run (every default).
+Each preset is a partial config per section (data, model, train). `book` is the §8.5 run (every default);
+`legacy` is the early notebook's run (its text, vocabulary, T = 64, iterators and logging cadence; add
+`--sampling legacy-consecutive` for its second run).
 The others are the best settings measured for a corpus within a fixed training-time budget on a 2-core
 CPU; the README lists their measured held-out results and the commands that reproduce them.
 """
@@ -10,6 +12,13 @@ from .errors import RnnlabError
 
 PRESETS: dict[str, dict[str, dict]] = {
     "book": {"data": {}, "model": {}, "train": {}},
+    "legacy": {      # the early MXNet notebook (2019): its text, vocabulary, iterators and cadence
+        "data": {"corpus": "timemachine", "preprocess": "legacy", "max_tokens": 10000},
+        "model": {},
+        "train": {"num_steps": 64, "batch_size": 32, "lr": 1.0, "theta": 1.0, "num_epochs": 500,
+                  "sampling": "legacy-random", "log_every": 50, "sample_every": 100,
+                  "prefixes": ("traveller", "time traveller")},
+    },
     "timemachine": {
         "data": {"corpus": "timemachine", "preprocess": "letters", "max_tokens": 0},
         "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.5,

@@ -39,9 +39,13 @@ class Dataset:
 
 
 def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None) -> Dataset:
-    """Read, preprocess, encode (with `vocab`, or one built over the whole text as the book does) and split."""
+    """Read, preprocess, encode (with `vocab`, or one built over the whole text as the book does; `legacy`
+    preprocessing builds the early notebook's, over the training text only) and split."""
     raw, path, digest = corpora.load(cfg.corpus, cfg.data_dir)
     try:
+        if cfg.preprocess == "legacy" and vocab is None:
+            tokens = text.tokenize(text.preprocess(raw, "legacy", cfg.token), cfg.token)
+            vocab = text.legacy_vocab(evaluate.split(tokens, cfg.val_fraction, cfg.max_tokens)[0])
         corpus, vocab = text.load_corpus(raw, cfg.preprocess, cfg.token, vocab=vocab)
     except RnnlabError as e:
         raise RnnlabError(f"{path}: {e}") from None

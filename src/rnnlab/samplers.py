@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-SAMPLINGS = ("sequential", "random")
+SAMPLINGS = ("sequential", "random", "legacy-random", "legacy-consecutive")
 Batch = tuple[np.ndarray, np.ndarray]
 
 
@@ -49,19 +49,49 @@ def seq_data_iter_sequential(corpus: np.ndarray, batch_size: int, num_steps: int
             for i in range(0, num_steps * num_batches, num_steps))
 
 
+def data_iter_random_legacy(corpus: np.ndarray, batch_size: int, num_steps: int,
+                            rng: np.random.Generator) -> Iterator[Batch]:
+    """The early notebook's random sampling (d2l-en, 2019): an offset in [0, T), then (N - offset - 1) // T - 1
+    windows, one fewer than fit, shuffled; whole minibatches only. The state is reset for every minibatch."""
+    offset = int(rng.integers(0, num_steps))
+    num_examples = max((len(corpus) - offset - 1) // num_steps - 1, 0)
+    starts = rng.permutation(np.arange(offset, offset + num_examples * num_steps, num_steps))
+    num_batches = num_examples // batch_size
+    steps = np.arange(num_steps)
+    starts = starts[: num_batches * batch_size].reshape(num_batches, batch_size)
+    return ((corpus[s[:, None] + steps].astype(np.int64), corpus[s[:, None] + steps + 1].astype(np.int64))
+            for s in starts)
+
+
+def data_iter_consecutive_legacy(corpus: np.ndarray, batch_size: int, num_steps: int,
+                                 rng: np.random.Generator) -> Iterator[Batch]:
+    """The early notebook's consecutive sampling: an offset in [0, T) (0.17's goes up to T), the text after
+    it cut into B rows of (N - offset) // B tokens each, and (row length - 1) // T minibatches of T columns."""
+    offset = int(rng.integers(0, num_steps))
+    num_indices = ((len(corpus) - offset) // batch_size) * batch_size
+    rows = corpus[offset: offset + num_indices].reshape(batch_size, -1)
+    num_batches = max((rows.shape[1] - 1) // num_steps, 0)
+    return ((rows[:, i: i + num_steps].astype(np.int64), rows[:, i + 1: i + 1 + num_steps].astype(np.int64))
+            for i in range(0, num_steps * num_batches, num_steps))
+
+
 def batches(corpus: np.ndarray, batch_size: int, num_steps: int, sampling: str,
             rng: np.random.Generator) -> Iterator[Batch]:
     """One epoch of minibatches from the named sampler."""
     if batch_size < 1 or num_steps < 1:
         raise ValueError(f"batch_size and num_steps must be >= 1, got {batch_size} and {num_steps}")
-    if sampling == "random":
-        return seq_data_iter_random(corpus, batch_size, num_steps, rng)
-    if sampling == "sequential":
-        return seq_data_iter_sequential(corpus, batch_size, num_steps, rng)
-    raise ValueError(f"unknown sampling {sampling!r}; choose from {SAMPLINGS}")
+    iterators = {"random": seq_data_iter_random, "sequential": seq_data_iter_sequential,
+                 "legacy-random": data_iter_random_legacy, "legacy-consecutive": data_iter_consecutive_legacy}
+    if sampling not in iterators:
+        raise ValueError(f"unknown sampling {sampling!r}; choose from {SAMPLINGS}")
+    return iterators[sampling](corpus, batch_size, num_steps, rng)
 
 
 def min_tokens(batch_size: int, num_steps: int, sampling: str) -> int:
     """Fewest corpus tokens that give at least one minibatch whatever offset is drawn."""
+    if sampling == "legacy-random":              # B windows after the largest offset, T - 1, and one spare
+        return (batch_size + 2) * num_steps
+    if sampling == "legacy-consecutive":         # rows of T + 1 tokens after the largest offset, T - 1
+        return batch_size * (num_steps + 1) + num_steps - 1
     largest_offset = num_steps - 1 if sampling == "random" else num_steps
     return batch_size * num_steps + largest_offset + 1

@@ -5,6 +5,9 @@ Preprocessing modes:
            lines are concatenated with no separator (170,580 tokens for The Time Machine, as the book's corpus)
   letters  the same substitution over the whole text, so words on either side of a line break stay apart
   raw      every character kept (only line endings normalised to '\n')
+  legacy   the early notebook's (d2l-en, 2019): lower-cased, every run of whitespace (line breaks included)
+           collapsed to one space, the ends stripped; punctuation and digits kept. Its vocabulary
+           (`legacy_vocab`) counts only the training text and breaks ties in code-point order.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 from . import ascii_chars
 from .errors import RnnlabError
 
-PREPROCESS_MODES = ("d2l", "letters", "raw")
+PREPROCESS_MODES = ("d2l", "letters", "raw", "legacy")
 TOKEN_TYPES = ("char", "word")
 _NON_LETTERS = re.compile("[^A-Za-z]+")
 
@@ -36,6 +39,8 @@ def preprocess(text: str, mode: str, token: str = "char") -> str:
         return _NON_LETTERS.sub(" ", text).lower()
     if mode == "raw":
         return text.replace("\r\n", "\n").replace("\r", "\n")
+    if mode == "legacy":
+        return " ".join(text.lower().split())
     raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
 
 
@@ -43,6 +48,8 @@ def normalize_prefix(prefix: str, mode: str) -> str:
     """Map a user's prompt into the model's alphabet (no stripping: a trailing space is meaningful)."""
     if mode in ("d2l", "letters"):
         return _NON_LETTERS.sub(" ", prefix).lower()
+    if mode == "legacy":
+        return re.sub(r"\s+", " ", prefix.lower())
     return prefix
 
 
@@ -129,6 +136,12 @@ class Vocab:
         return self._token_freqs
 
 
+def legacy_vocab(tokens) -> Vocab:
+    """The early notebook's vocabulary: `<unk>` at 0, then tokens by descending count, ties in code-point
+    order (it sorted by token, then stably by count), over the tokens given (its training text only)."""
+    return Vocab.from_counts(sorted(collections.Counter(tokens).items()))
+
+
 def index_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every token index."""
     if vocab_size <= 1 << 8:
@@ -170,7 +183,7 @@ def decode(indices, vocab: Vocab, token: str = "char") -> str:
 def load_corpus(text: str, preprocess_mode: str = "d2l", token: str = "char", min_freq: int = 0,
                 vocab: Vocab | None = None):
     """(corpus, vocab): the whole text encoded, with `vocab` or one built over the whole text (the book's)."""
-    if token == "char" and text.isascii() and (vocab is None or len(vocab) <= 256):
+    if token == "char" and preprocess_mode != "legacy" and text.isascii() and (vocab is None or len(vocab) <= 256):
         codes = ascii_chars.preprocess_bytes(text, preprocess_mode)      # the fast path, same result
         if len(codes) == 0:
             raise RnnlabError(f"no tokens left after '{preprocess_mode}' preprocessing")

@@ -295,7 +295,8 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar) -> None:
             else:
                 run.evals_since_best += 1
             run.elapsed_s = elapsed_before + time.perf_counter() - session_start
-            run.records.append(make_record(run, stats, window, val, samples(run)))
+            due = not cfg.sample_every or run.epoch % cfg.sample_every == 0 or run.epoch == cfg.num_epochs
+            run.records.append(make_record(run, stats, window, val, samples(run) if due else {}))
             log(format_record(run.records[-1]))
             last_good = make_checkpoint(run)
             if writer is not None:
