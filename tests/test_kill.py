@@ -1,6 +1,6 @@
 """kill -9 at many instants, inside checkpoint writes included: afterwards the run directory always loads,
-its metrics are consistent with its checkpoint, and resuming it ends with the same weights, to the bit, as
-a run that was never killed.
+its metrics are consistent with its checkpoint, and resuming it ends with the same weights and the same
+best/, to the bit, as a run that was never killed.
 
 Two kinds of instant: deterministic ones, where the training process kills itself just before or just after
 its k-th file replacement (a metrics, weights, checkpoint.json or plot write) or its k-th deletion of an old
@@ -57,7 +57,9 @@ def straight(tmp_path_factory):
     done = subprocess.run([sys.executable, "-m", "rnnlab", *ARGS, "--num-epochs", str(EPOCHS), "--out", str(out)],
                           capture_output=True, text=True, env={**os.environ, "RNNLAB_DATA": str(DATA)}, timeout=120)
     assert done.returncode == 0, done.stderr
-    return checkpoint.load(out)
+    straight = checkpoint.load(out)
+    straight.best = checkpoint.load(out / "best")
+    return straight
 
 
 def check_and_finish(out, straight) -> None:
@@ -78,6 +80,9 @@ def check_and_finish(out, straight) -> None:
         assert np.array_equal(final.params[name], value), name
     assert [r["epoch"] for r in train.read_metrics(out)] == list(range(1, EPOCHS + 1))
     assert not [p for p in out.rglob("*.tmp")]
+    best = checkpoint.load(out / "best")                   # best/ agrees with the run's own history
+    assert best.epoch == straight.best.epoch
+    assert all(np.array_equal(best.params[k], v) for k, v in straight.best.params.items())
 
 
 def run_killer(out, what, k, when):

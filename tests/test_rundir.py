@@ -3,11 +3,13 @@ own files touched, an old run replaced only once the new one has saved, temporar
 cleaned up, and metrics always consistent with the checkpoint they belong to."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rnnlab import checkpoint, cli, rundir, sweep, train
@@ -108,7 +110,7 @@ def test_a_directory_that_is_not_a_run_is_refused_and_overwrite_keeps_foreign_fi
     before = files(out)
     code, err = train_cli(capsys, out)
     assert code == 1 and "holds no rnnlab run" in one_line(err) and "notes.txt" in err
-    assert files(out) == before
+    assert files(out) == before and not (out / rundir.LOCK_FILE).exists()
     code, err = train_cli(capsys, out, "--overwrite")
     assert code == 0, err
     after = files(out)
@@ -263,3 +265,94 @@ def test_a_read_only_out_is_refused_before_training(capsys, tmp_path, monkeypatc
     code, err = train_cli(capsys, out)
     assert code == 1 and "cannot write to --out" in one_line(err)
     assert not list(out.iterdir())
+
+
+def test_a_resume_checks_memory_for_the_settings_it_changes(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert train_cli(capsys, out, "--num-epochs", "1")[0] == 0
+    code, err = train_cli(capsys, out, "--num-epochs", "2", "--resume", "--num-preds", str(10 ** 11))
+    assert code == 1 and "--num-preds 100000000000 would need about" in one_line(err)
+
+
+def test_an_empty_out_is_refused(capsys):
+    code = cli.main(["train", *TINY, "--out", ""])
+    assert code == 1 and "--out is empty" in one_line(capsys.readouterr().err)
+
+
+def test_entries_of_the_wrong_kind_are_refused_before_training(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert train_cli(capsys, out, "--num-epochs", "1")[0] == 0
+    for entry in (out / "best").iterdir():
+        entry.unlink()
+    (out / "best").rmdir()
+    (out / "best").write_text("a file")
+    code, err = train_cli(capsys, out, "--num-epochs", "2", "--resume")
+    assert code == 1 and "best is not a directory" in one_line(err)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoint.json").mkdir()
+    code, err = train_cli(capsys, other, "--overwrite")
+    assert code == 1 and "checkpoint.json is not a file" in one_line(err)
+
+
+def small_run(seed=0, epochs=1):
+    return train.new_run(DataConfig(max_tokens=400), ModelConfig(num_hiddens=8),
+                         TrainConfig(batch_size=4, num_steps=5, num_epochs=epochs, backend="numpy", num_preds=3,
+                                     log_every=1, seed=seed))
+
+
+def test_a_best_dir_left_behind_by_a_kill_is_repaired_on_resume(tmp_path):
+    out = tmp_path / "run"
+    train.fit(small_run(epochs=1), out, progress=False, log=lambda s: None)
+    stale = {p.name: p.read_bytes() for p in (out / "best").iterdir()}
+    resumed = train.resume_run(out, train={"num_epochs": 2})
+    train.fit(resumed, out, progress=False, log=lambda s: None)
+    ckpt = checkpoint.load(out)
+    assert ckpt.extra["evals_since_best"] == 0 and checkpoint.load(out / "best").epoch == 2
+    # a kill between the checkpoint and best/ of epoch 2 would leave the epoch-1 best/
+    for entry in (out / "best").iterdir():
+        entry.unlink()
+    for name, blob in stale.items():
+        (out / "best" / name).write_bytes(blob)
+    assert checkpoint.load(out / "best").epoch == 1
+    with rundir.RunWriter(out, resume_epoch=2):
+        pass
+    best = checkpoint.load(out / "best")
+    assert best.epoch == 2 and all(np.array_equal(best.params[k], ckpt.params[k]) for k in ckpt.params)
+
+
+def test_the_best_dir_of_a_replaced_run_never_stays(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    train.fit(small_run(seed=1), old, progress=False, log=lambda s: None)
+    run = small_run(seed=2, epochs=2)
+    run.best_val_nats = -1.0                      # no evaluation is the best: best/ is never written
+    train.fit(run, new, progress=False, log=lambda s: None)
+    assert not (new / "best").exists()
+    shutil.copytree(old / "best", new / "best")   # as a kill inside a replacing save would leave it
+    with rundir.RunWriter(new, resume_epoch=2):
+        pass
+    assert not (new / "best").exists()
+
+
+def test_the_checkpoints_own_record_must_be_its_own(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert train_cli(capsys, out, "--num-epochs", "1")[0] == 0
+    meta = json.loads((out / "checkpoint.json").read_text())
+    meta["metrics"] = {"epoch": 5}
+    (out / "checkpoint.json").write_text(json.dumps(meta))
+    code, err = train_cli(capsys, out, "--num-epochs", "2", "--resume")
+    assert code == 1 and "corrupt checkpoint" in one_line(err) and "missing" in err
+
+
+def test_an_interrupt_before_overwriting_a_directory_without_a_run_says_nothing_was_saved(capsys, tmp_path,
+                                                                                         monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    code, err = train_cli(capsys, out, "--overwrite")
+    assert code == 130 and "nothing was saved" in err and "still holds" not in err

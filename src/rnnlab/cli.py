@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(ns) -> int:
     from . import train as training
+    if ns.out is not None and not ns.out.strip():
+        raise RnnlabError("--out is empty; give the run directory (or leave --out out: nothing is saved)")
     data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
     if ns.preset:
         data, model, train_cfg = presets.apply(ns.preset, data, model, train_cfg)
@@ -257,7 +259,7 @@ def _saved(run, out) -> str:
     """What an interrupted run leaves on disk, truthfully."""
     if not out:
         return "nothing is saved without --out"
-    if run.writer is not None and run.writer.replacing:
+    if run.writer is not None and run.writer.old_run:
         return f"nothing of this run was saved; {out} still holds the run it was to replace"
     if run.saved_epoch is None or run.out is None:
         every = run.train_cfg.log_every
@@ -357,6 +359,8 @@ def cmd_baseline(ns) -> int:
 
 def cmd_sweep(ns) -> int:
     from .sweep import sweep
+    if not ns.out.strip():
+        raise RnnlabError("--out is empty; give the directory for the sweep's runs")
     if not ns.budget > 0:
         raise RnnlabError(f"--budget must be positive, got {ns.budget}")
     data = DataConfig(**given(ns, DataConfig))
@@ -422,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rnnlab {ns.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:      # a file rnnlab could not write or read: the disk, permissions, a bad path
-        where = f"{e.filename}: " if e.filename else ""
+        name = e.filename2 or e.filename          # a failed rename names its target second
+        where = f"{name}: " if name else ""
         print(f"rnnlab {ns.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

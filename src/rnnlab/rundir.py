@@ -54,18 +54,23 @@ def _is_own_entry(path: Path) -> bool:
             or TEMP.fullmatch(name) is not None)
 
 
-def check_links(out: Path) -> None:
-    """Refuse a symbolic link among rnnlab's own entries of `out` and of `out/best`."""
+def check_entries(out: Path) -> None:
+    """Refuse a symbolic link among rnnlab's own entries of `out` and of `out/best`, and an entry of the
+    wrong kind (a checkpoint.json that is a directory, a best that is a file)."""
     for folder in (out, out / BEST_DIR):
         if folder is not out and folder.is_symlink():
             raise RnnlabError(f"{folder} is a symbolic link; rnnlab never writes through a link in a run "
                               "directory: remove it (the directory it points to is left alone)")
+        if folder is not out and folder.exists() and not folder.is_dir():
+            raise RnnlabError(f"{folder} is not a directory; rnnlab keeps the best checkpoint there: remove it")
         if not folder.is_dir():
             continue
         for entry in folder.iterdir():
             if entry.is_symlink() and _is_own_entry(entry):
                 raise RnnlabError(f"{entry} is a symbolic link; rnnlab never writes through a link in a run "
                                   "directory: remove it")
+            if entry.name in OWN_FILES and not entry.is_file():
+                raise RnnlabError(f"{entry} is not a file; rnnlab writes its {entry.name} there: remove it")
 
 
 def present(out: Path) -> list[str]:
@@ -106,11 +111,22 @@ def read_metrics(out) -> list[dict]:
         return []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-        return [schema.check_record(json.loads(line), f"line {i}") for i, line in enumerate(lines, 1)
-                if line.strip()]
+        return [_full_record(json.loads(line), f"line {i}") for i, line in enumerate(lines, 1) if line.strip()]
     except (UnicodeDecodeError, ValueError, RecursionError, RnnlabError) as e:
         raise RnnlabError(f"{path} is damaged ({e}); move it away to resume without the earlier metrics") \
             from None
+
+
+RECORD_KEYS = ("epoch", "train_ppl", "val_ppl", "val_bits_per_token", "tokens_per_s", "elapsed_s", "samples")
+
+
+def _full_record(r, where: str) -> dict:
+    """A metrics record as the training loop writes it: the schema's types, and every key it reads back."""
+    r = schema.check_record(r, where)
+    missing = [k for k in RECORD_KEYS if k not in r]
+    if missing:
+        raise RnnlabError(f"{where}: missing {', '.join(missing)}")
+    return r
 
 
 def records_for(out, ckpt: checkpoint.Checkpoint) -> tuple[list[dict], str | None]:
@@ -120,6 +136,13 @@ def records_for(out, ckpt: checkpoint.Checkpoint) -> tuple[list[dict], str | Non
     by a crash between the new checkpoint and its metrics), only the checkpoint's record is kept. A damaged
     file is an error: the user decides what to do with it, nothing overwrites it."""
     own = ckpt.extra.get("metrics")
+    if own is not None:
+        try:
+            own = _full_record(own, "its own metrics record")
+            if own["epoch"] != ckpt.epoch:
+                raise RnnlabError(f"its own metrics record is for epoch {own['epoch']}, not {ckpt.epoch}")
+        except RnnlabError as e:
+            raise RnnlabError(f"corrupt checkpoint {Path(out) / checkpoint.META_FILE}: {e}") from None
     records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
     if own is None or (records and records[-1] == own):
         return records, None
@@ -146,16 +169,17 @@ def lock(folder: Path) -> FileLock:
 class RunWriter:
     """Exclusive, checked access to a run directory for one training process.
 
-    `open()` creates the directory, takes the lock, refuses links and foreign files, and cleans up temporary
-    files of killed writers; `save()` writes one evaluation's metrics and checkpoint; `close()` releases
-    the lock. `resume_epoch` is the epoch of the checkpoint a resumed run was loaded from: the directory
-    must still hold it once the lock is taken.
+    `open()` creates the directory, takes the lock, refuses links and foreign files, cleans up temporary
+    files of killed writers and repairs best/; `save()` writes one evaluation's metrics and checkpoint;
+    `close()` releases the lock. `resume_epoch` is the epoch of the checkpoint a resumed run was loaded
+    from: the directory must still hold it once the lock is taken.
     """
 
     def __init__(self, out, overwrite: bool = False, resume_epoch: int | None = None):
         self.out = Path(out)
         self.overwrite, self.resume_epoch = overwrite, resume_epoch
-        self.replacing = False          # an old run is here and goes at the first save
+        self.replacing = False          # rnnlab's files of an earlier run are here and go at the first save
+        self.old_run = False            # ... and they include a checkpoint
         self.saved_epoch = resume_epoch  # the epoch of the checkpoint on disk that this run wrote or resumed
         self._lock = None
 
@@ -173,13 +197,16 @@ class RunWriter:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK | os.X_OK):
             raise RnnlabError(f"cannot write to --out {out} (permission denied)")
+        had_lock_file = (out / LOCK_FILE).exists()
         self._lock = lock(out)
         try:
-            check_links(out)
+            check_entries(out)
             remove_temp_files(out)
             self._check_contents()
         except BaseException:
             self.close()
+            if not had_lock_file:
+                (out / LOCK_FILE).unlink(missing_ok=True)     # refused: leave the directory as it was
             raise
 
     def _check_contents(self) -> None:
@@ -189,6 +216,7 @@ class RunWriter:
             if ckpt.epoch != self.resume_epoch:
                 raise RnnlabError(f"the checkpoint in {out} moved from epoch {self.resume_epoch} to {ckpt.epoch} "
                                   "while this run was loading; another process trained it")
+            repair_best(out, ckpt)
             return
         if is_run(out):
             if not self.overwrite:
@@ -200,7 +228,8 @@ class RunWriter:
             raise RnnlabError(f"--out {out} is not empty and holds no rnnlab run (it has {shown}); choose an "
                               "empty or new directory, or pass --overwrite to write rnnlab's files there (no "
                               "other file is touched)")
-        self.replacing = bool(present(out))
+        self.old_run = is_run(out)
+        self.replacing = any(_is_own_entry(out / name) for name in present(out))
 
     def close(self) -> None:
         if self._lock is not None:
@@ -210,27 +239,46 @@ class RunWriter:
     def save(self, ckpt: checkpoint.Checkpoint, records: list[dict], best: bool) -> None:
         """Write the metrics and the checkpoint (and, with `best`, the same checkpoint to best/).
 
-        The first save of a run that replaces another writes the checkpoint first: from then on the
-        directory is the new run's, and the old run's best/ goes unless this save rewrote it."""
+        Within a run, metrics go first, then the checkpoint, then best/ (a kill before best/ is written
+        leaves a checkpoint that names itself the best, and `repair_best` rewrites best/ from it on
+        resuming). The first save of a run that replaces another writes the checkpoint first: from then on the
+        directory is the new run's, and the old run's best/ goes unless this save rewrote it (a kill in
+        between leaves an old best/, which `repair_best` removes on resuming)."""
         out = self.out
-        check_links(out)
+        check_entries(out)
         metrics = "".join(dumps_json(r) + "\n" for r in records)
         if self.replacing:
             checkpoint.save(out, ckpt)
+            self.replacing, self.old_run, self.saved_epoch = False, False, ckpt.epoch
             (out / PLOT_FILE).unlink(missing_ok=True)          # the old run's; the caller draws the new one
             atomic_write_text(out / METRICS_FILE, metrics)
             if best:
                 checkpoint.save(out / BEST_DIR, ckpt)
             else:
                 remove_checkpoint(out / BEST_DIR)
-            self.replacing = False
         else:
             atomic_write_text(out / METRICS_FILE, metrics)
             checkpoint.save(out, ckpt)
+            self.saved_epoch = ckpt.epoch
             if best:
                 checkpoint.save(out / BEST_DIR, ckpt)
-        self.saved_epoch = ckpt.epoch
 
     @property
     def plot_path(self) -> Path:
         return self.out / PLOT_FILE
+
+
+def repair_best(out: Path, ckpt: checkpoint.Checkpoint) -> None:
+    """Make OUT/best agree with the checkpoint `ckpt` of OUT after a kill inside a save: a best/ of another
+    run (the one this run replaced) goes, and when `ckpt` is itself the best so far (no evaluation since
+    the best) best/ is rewritten from it."""
+    folder = out / BEST_DIR
+    try:
+        best = checkpoint.load(folder) if checkpoint.exists(folder) else None
+    except RnnlabError:
+        best = None
+    if folder.is_dir() and (best is None or best.extra.get("run_id") != ckpt.extra.get("run_id")):
+        remove_checkpoint(folder)
+        best = None
+    if ckpt.extra.get("evals_since_best") == 0 and (best is None or best.epoch != ckpt.epoch):
+        checkpoint.save(folder, ckpt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class Run:
     out: Path | None = None           # the run directory this run last saved to or was loaded from
     saved_epoch: int | None = None    # the epoch of its checkpoint there
     notes: list[str] = field(default_factory=list)     # what loading had to say (shown by the CLI)
+    run_id: str | None = field(default_factory=lambda: uuid.uuid4().hex)   # tells this run's best/ from others
     writer: object = None             # the rundir.RunWriter while fit() runs
     events_logged: set = field(default_factory=set)    # one-time warnings already shown
 
@@ -123,7 +125,7 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
     what the run computes (num_epochs, log_every, backend, device, prefixes, num_preds, data_dir) are
     applied; one that would change the run (a size, the seed, the corpus, ...) is refused.
     """
-    rundir.check_links(Path(out))
+    rundir.check_entries(Path(out))
     ckpt = checkpoint.load(out)
     data_cfg, model_cfg, train_cfg, vocab = checkpoint.read_configs(ckpt, out)
     changes = {"data": data or {}, "model": model or {}, "train": train or {}}
@@ -136,6 +138,7 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
     data_cfg = dataclasses.replace(data_cfg, **changes["data"])
     train_cfg = dataclasses.replace(train_cfg, **changes["train"])
     validate_sizes(data_cfg, model_cfg, train_cfg)
+    limits.check_train(len(vocab), model_cfg, train_cfg)       # --num-preds may have changed
     dataset = load_dataset(data_cfg, vocab)
     if ckpt.extra.get("corpus_sha256") not in (None, dataset.sha256):
         raise RnnlabError(f"the corpus file {dataset.path} changed since the checkpoint was written; "
@@ -159,7 +162,18 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
                float(extra.get("elapsed_s", 0.0)), records, math.inf if best is None else float(best),
                int(extra.get("evals_since_best", 0)), math.inf if level is None else float(level),
                float(extra.get("lr_scale", 1.0)), int(extra.get("rollbacks", 0)), out=Path(out),
-               saved_epoch=ckpt.epoch, notes=[note] if note else [])
+               saved_epoch=ckpt.epoch, notes=[*([note] if note else []), *_schedule_note(ckpt, train_cfg)],
+               run_id=extra.get("run_id"))
+
+
+def _schedule_note(ckpt: checkpoint.Checkpoint, train_cfg: TrainConfig) -> list[str]:
+    """A cosine schedule decays to 0 at --num-epochs: resuming with another horizon changes every later
+    learning rate, so the run is no longer the one it would have been."""
+    before = ckpt.config["train"]["num_epochs"]
+    if train_cfg.schedule != "cosine" or train_cfg.num_epochs == before:
+        return []
+    return [f"the cosine schedule now decays to 0 at epoch {train_cfg.num_epochs}, not {before}: from here on "
+            "the learning rates differ from the original run's"]
 
 
 def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
@@ -176,6 +190,7 @@ def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
              "metrics": run.records[-1] if run.records else None,
              "best_val_nats": finite_or_none(run.best_val_nats), "evals_since_best": run.evals_since_best,
              "loss_level": finite_or_none(run.loss_level), "lr_scale": run.lr_scale, "rollbacks": run.rollbacks,
+             "run_id": run.run_id,
              "vocab_token_freqs": [list(tf) for tf in run.dataset.vocab.token_freqs]}
     return checkpoint.Checkpoint(params=params, config=cfg, vocab=run.dataset.vocab.idx_to_token,
                                  epoch=run.epoch, rng_state=run.rng.bit_generator.state, optimizer=opt_meta,

@@ -110,7 +110,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         points = [(s / 60, v) for _, s, v in r["curve"] if v is not None and math.isfinite(v) and v < PLOT_MAX]
         if points:
-            label = r["variant"] + ("" if r["status"] == "ok" else " (diverged)")
+            label = r["variant"] + ("" if r["status"].startswith("ok") else " (diverged)")
             ax.plot(*zip(*points), marker=".", label=label)
     ax.set_yscale("log")
     for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):

@@ -188,7 +188,7 @@ def roll_back(run: Run, last_good: checkpoint.Checkpoint, reason: str, log: Call
     are used up."""
     diverged_in = run.epoch + 1
     if run.rollbacks >= MAX_ROLLBACKS:
-        raise Diverged(f"training diverged in epoch {diverged_in} ({reason}) after {run.rollbacks} rollbacks")
+        raise Diverged(_stop_message(run, f"{reason}; after {run.rollbacks} rollbacks", run.writer))
     restore(run, last_good)
     run.rollbacks += 1
     run.lr_scale *= ROLLBACK_LR_FACTOR
@@ -201,8 +201,9 @@ def roll_back(run: Run, last_good: checkpoint.Checkpoint, reason: str, log: Call
 def _stop_message(run: Run, reason: str, writer) -> str:
     kept = (f"the checkpoint in {writer.out} stays at epoch {writer.saved_epoch}"
             if writer is not None and writer.saved_epoch is not None else "nothing was saved")
-    return (f"training diverged in epoch {run.epoch + 1} ({reason}); {kept}; try a smaller --lr, clipping "
-            "(--clip), or --on-divergence rollback")
+    rollback = "" if run.train_cfg.on_divergence == "rollback" else ", or --on-divergence rollback"
+    return (f"training diverged in epoch {run.epoch + 1} ({reason}); {kept}; try a smaller --lr or clipping "
+            f"(--clip){rollback}")
 
 
 def _plot(run: Run, path: Path, log: Callable[[str], None]) -> None:
