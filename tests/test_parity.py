@@ -9,6 +9,7 @@ import pytest
 from helpers import ARCHS, random_batch, random_params, random_state, rel_err
 from rnnlab import cells, evaluate, generate, network, optim
 from rnnlab.backends import make_backend
+from rnnlab.errors import RnnlabError
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import TrainConfig
 from rnnlab.train import train_epoch
@@ -166,7 +167,7 @@ def test_bf16_matmuls_stay_close_to_float32(device):
     ("compile", "same", TorchCompiledBackend), ("compile", "bfloat16", TorchCompiledBackend)])
 def test_make_backend_picks_the_named_torch_path(impl, matmul_dtype, expected):
     backend = make_backend("torch", random_params(5, 4, np.float32), torch_impl=impl, matmul_dtype=matmul_dtype)
-    assert type(backend) is expected
+    assert type(backend) is expected and backend.name == f"torch-{impl}"
     assert backend.numpy_params()["W_hh"].shape == (4, 4)
 
 
@@ -233,5 +234,13 @@ def test_compiled_deep_networks_agree(arch):
 
 def test_fused_is_chosen_only_for_the_book_rnn():
     deep = random_params(5, 4, np.float32, cell="rnn", num_layers=2)
-    assert type(make_backend("torch", deep, torch_impl="fused")) is TorchBackend
-    assert make_backend("torch", deep, torch_impl="fused", matmul_dtype="bfloat16").autocast
+    book = random_params(5, 4, np.float32)
+    assert make_backend("torch", book).name == "torch-fused"               # auto: fused for the book's model
+    assert make_backend("torch", book, dropout=0.2).name == "torch-autograd"
+    auto = make_backend("torch", deep, matmul_dtype="bfloat16")
+    assert type(auto) is TorchBackend and auto.name == "torch-autograd" and auto.autocast
+    with pytest.raises(RnnlabError, match="it can run on: autograd, compile"):
+        make_backend("torch", deep, torch_impl="fused")                  # never a silent fallback
+    with pytest.raises(RnnlabError, match="it can run on: autograd$"):
+        make_backend("torch", book, torch_impl="compile", onehot_input=True)
+    assert make_backend("numpy", book).name == "numpy"

@@ -102,10 +102,11 @@ class TrainConfig:
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "float64"))
     matmul_dtype: str = option("same", "torch: dtype of matmul operands; bfloat16 keeps float32 master "
                                        "weights, states and sums", choices=("same", "bfloat16"))
-    torch_impl: str = option("fused", "torch: fused = hand-written BPTT (fastest exact path); autograd = "
-                                      "autograd over the reference forward; compile = that autograd step "
-                                      "compiled by torch.compile (slow first step)",
-                                      choices=("fused", "autograd", "compile"))
+    torch_impl: str = option("auto", "torch path: auto = fused for the book's model, autograd for any other; "
+                                     "fused = hand-written BPTT (the book's one-layer RNN only; fastest exact "
+                                     "path); autograd = autograd over the reference forward; compile = that "
+                                     "autograd step compiled by torch.compile (slow first step)",
+                             choices=("auto", "fused", "autograd", "compile"))
     log_every: int = option(10, "evaluate, log, sample and checkpoint every N epochs")
     time_budget: float = option(0.0, "stop after the epoch that takes this run's wall time (evaluation "
                                      "included) past N minutes (0: no limit); that epoch is evaluated and saved",

@@ -149,7 +149,8 @@ def samples(run: Run) -> dict[str, str]:
 
 def make_record(run: Run, epoch: EpochStats, window: EpochStats, val: dict, sample_text: dict) -> dict:
     """One metrics.jsonl line: train ppl of the latest epoch; speed and clipping over the epochs since the
-    previous record, training time only; the rollbacks since then, if any."""
+    previous record, training time only; the exact path that trained (numpy, torch-fused, ...); the
+    rollbacks since then, if any."""
     bits = val["bits_per_token"]
     record = {"epoch": run.epoch, "train_ppl": finite_or_none(epoch.ppl), "val_ppl": finite_or_none(val["perplexity"]),
               "val_bpc": finite_or_none(bits) if run.data_cfg.token == "char" else None,
@@ -157,7 +158,7 @@ def make_record(run: Run, epoch: EpochStats, window: EpochStats, val: dict, samp
               "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
               "lr": run.lr_scale * learning_rate(run.train_cfg, run.epoch),
               "clip_frac": window.clipped / max(window.steps, 1), "elapsed_s": round(run.elapsed_s, 3),
-              "samples": sample_text}
+              "backend": run.backend.name, "samples": sample_text}
     if run.events:
         record["rollbacks"], run.events = run.events, []
     return record

@@ -56,16 +56,28 @@ def device_of(backend) -> str:
     return str(getattr(backend, "device", "cpu"))
 
 
-def make_backend(name: str, params: dict, activation: str = "tanh", device: str = "cpu",
-                 onehot_input: bool = False, torch_impl: str = "fused", matmul_dtype: str = "same",
-                 dropout: float = 0.0):
-    """Build a backend holding `params` (numpy arrays, copied).
+TORCH_IMPLS = ("auto", "fused", "autograd", "compile")
 
-    On torch, `torch_impl` picks the fused hand-written BPTT (the default, fastest exact path; for the book's
-    one-layer RNN without dropout only, other networks take autograd), autograd, or autograd compiled by
-    torch.compile;
-    `matmul_dtype="bfloat16"` trains with bf16 matmul operands and float32 master weights: hand-written in the
-    fused path, by torch.autocast in the others.
+
+def torch_paths(params: dict, onehot_input: bool = False, dropout: float = 0.0) -> tuple[str, ...]:
+    """The torch paths that can run the network of `params`: the fused hand-written BPTT runs the book's
+    model only (one RNN layer on one-hot input, no dropout); autograd runs everything; compile runs what
+    autograd does except the literal one-hot matmul."""
+    from .. import cells
+    fused = not onehot_input and not dropout and cells.describe(params).is_book_rnn
+    return (("fused",) if fused else ()) + ("autograd",) + (() if onehot_input else ("compile",))
+
+
+def make_backend(name: str, params: dict, activation: str = "tanh", device: str = "cpu",
+                 onehot_input: bool = False, torch_impl: str = "auto", matmul_dtype: str = "same",
+                 dropout: float = 0.0):
+    """Build a backend holding `params` (numpy arrays, copied). Its `name` is the exact path that runs:
+    numpy, torch-fused, torch-autograd or torch-compile.
+
+    On torch, `torch_impl` picks the path: auto = the fused hand-written BPTT for the book's model (the
+    fastest exact path) and autograd for every other network; fused, autograd or compile by name, which is
+    an error for a network the path cannot run. `matmul_dtype="bfloat16"` trains with bf16 matmul operands
+    and float32 master weights: hand-written in the fused path, by torch.autocast in the others.
     """
     name = resolve(name)
     device = resolve_device(device, name)
@@ -74,14 +86,21 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
             raise RnnlabError("the numpy backend runs on the CPU in the parameters' dtype only")
         from .numpy_backend import NumpyBackend
         return NumpyBackend(params, activation, onehot_input)
-    from .. import cells
-    if torch_impl == "fused" and not onehot_input and not dropout and cells.describe(params).is_book_rnn:
+    if torch_impl not in TORCH_IMPLS:
+        raise RnnlabError(f"unknown --torch-impl {torch_impl!r}; choose from {', '.join(TORCH_IMPLS)}")
+    can = torch_paths(params, onehot_input, dropout)
+    if torch_impl == "auto":
+        torch_impl = can[0]
+    elif torch_impl not in can:
+        raise RnnlabError(f"--torch-impl {torch_impl} cannot run this model (the fused path runs the book's "
+                          f"one-layer RNN on one-hot input without dropout); it can run on: {', '.join(can)}")
+    if torch_impl == "fused":
         import torch
 
         from .torch_fused import TorchFusedBackend
         low = torch.bfloat16 if matmul_dtype == "bfloat16" else None
         return TorchFusedBackend(params, activation, device, low)
-    if torch_impl == "compile" and not onehot_input:
+    if torch_impl == "compile":
         from .torch_compiled import TorchCompiledBackend
         return TorchCompiledBackend(params, activation, device, matmul_dtype)
     from .torch_backend import TorchBackend

@@ -43,7 +43,7 @@ def _device(name: str) -> torch.device:
 
 
 class TorchBackend:
-    name = "torch"
+    name = "torch-autograd"
 
     def __init__(self, params: dict[str, np.ndarray], activation: str = "tanh", device: str = "cpu",
                  onehot_input: bool = False, matmul_dtype: str = "same"):

@@ -17,7 +17,7 @@ from .torch_backend import TorchBackend
 
 class TorchCompiledBackend(TorchBackend):
     """TorchBackend whose per-minibatch loss (`_loss`) is compiled; the training step is otherwise the same."""
-    name = "torch"
+    name = "torch-compile"
 
     def __init__(self, params, activation="tanh", device="cpu", matmul_dtype="same"):
         super().__init__(params, activation, device, matmul_dtype=matmul_dtype)

@@ -20,7 +20,7 @@ from .torch_backend import TorchBackend
 
 
 class TorchFusedBackend(TorchBackend):
-    name = "torch"
+    name = "torch-fused"
 
     def __init__(self, params, activation="tanh", device="cpu", matmul_dtype=None):
         super().__init__(params, activation, device)
