@@ -26,9 +26,14 @@ def seq_data_iter_random(corpus: np.ndarray, batch_size: int, num_steps: int,
     corpus = corpus[int(rng.integers(0, num_steps)):]
     num_subseqs = (len(corpus) - 1) // num_steps  # -1: every X needs its Y
     initial_indices = rng.permutation(np.arange(0, num_subseqs * num_steps, num_steps))
-    num_batches = num_subseqs // batch_size
+    return _window_batches(corpus, initial_indices, batch_size, num_steps)
+
+
+def _window_batches(corpus: np.ndarray, starts: np.ndarray, batch_size: int, num_steps: int) -> Iterator[Batch]:
+    """Minibatches of B windows of T tokens, in the order of `starts` (already shuffled); whole ones only."""
+    num_batches = len(starts) // batch_size
     steps = np.arange(num_steps)
-    starts = initial_indices[: num_batches * batch_size].reshape(num_batches, batch_size)
+    starts = starts[: num_batches * batch_size].reshape(num_batches, batch_size)
     return ((corpus[s[:, None] + steps].astype(np.int64), corpus[s[:, None] + steps + 1].astype(np.int64))
             for s in starts)
 
@@ -56,11 +61,7 @@ def data_iter_random_legacy(corpus: np.ndarray, batch_size: int, num_steps: int,
     offset = int(rng.integers(0, num_steps))
     num_examples = max((len(corpus) - offset - 1) // num_steps - 1, 0)
     starts = rng.permutation(np.arange(offset, offset + num_examples * num_steps, num_steps))
-    num_batches = num_examples // batch_size
-    steps = np.arange(num_steps)
-    starts = starts[: num_batches * batch_size].reshape(num_batches, batch_size)
-    return ((corpus[s[:, None] + steps].astype(np.int64), corpus[s[:, None] + steps + 1].astype(np.int64))
-            for s in starts)
+    return _window_batches(corpus, starts, batch_size, num_steps)
 
 
 def data_iter_consecutive_legacy(corpus: np.ndarray, batch_size: int, num_steps: int,
