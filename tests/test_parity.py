@@ -83,6 +83,29 @@ def test_epochs_of_training_agree_float64(path, device):
             assert rel_err(ref.params[name], as_np(fast.params[name])) < 1e-10
 
 
+@pytest.mark.parametrize("path, arch", [("fused", None), ("autograd", "gru"),
+                                        pytest.param("compile", "lstm-2layer-embed", marks=pytest.mark.slow)])
+def test_weight_drop_is_an_argument_that_never_touches_the_weights(path, arch):
+    """The loss with masks is the loss of W * M, the gradient carries M, and the stored weights stay as they
+    were, bit for bit, on every path (no in-place surgery on the backend's arrays)."""
+    V, H, B, T = 7, 5, 3, 4
+    params = random_params(V, H, np.float64, **(ARCHS[arch] if arch else {}))
+    fast = TORCH_PATHS[path](params)
+    before = {k: as_np(v).copy() for k, v in fast.params.items()}
+    weight_masks = network.weight_drop_masks(np.random.default_rng(3), 0.5, fast.arch, np.float64)
+    X, Y = random_batch(V, B, T)
+    loss, grads, _ = fast.loss_and_grads(X, Y, fast.begin_state(B), None, weight_masks)
+    for k, v in fast.params.items():
+        assert np.array_equal(as_np(v), before[k]), k
+    masked = {k: v * weight_masks[k] if k in weight_masks else v for k, v in params.items()}
+    ref = NumpyBackend(masked)
+    ref_loss, ref_grads, _ = ref.loss_and_grads(X, Y, ref.begin_state(B))
+    assert loss == pytest.approx(ref_loss, rel=1e-10)
+    for k in params:
+        expected = ref_grads[k] * weight_masks[k] if k in weight_masks else ref_grads[k]
+        assert rel_err(as_np(grads[k]), expected) < 1e-10, k
+
+
 @pytest.mark.parametrize("path, arch, dropout", [("fused", None, 0.0), ("autograd", "lstm-2layer-embed", 0.3),
                                                   ("autograd", "gru", 0.0)])
 def test_epochs_with_weight_drop_agree_float64(path, arch, dropout):

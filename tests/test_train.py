@@ -218,7 +218,7 @@ class RecordingBackend:
     def begin_state(self, batch_size):
         return np.zeros((batch_size, 2))
 
-    def loss_and_grads(self, X, Y, state, masks=None):
+    def loss_and_grads(self, X, Y, state, masks=None, weight_masks=None):
         self.received.append(state.copy())
         new = np.full((X.shape[0], 2), float(len(self.received)))
         self.returned.append(new)

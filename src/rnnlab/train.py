@@ -85,7 +85,7 @@ def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
         masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens,
                                       dtype) if dropout else None
         weight_masks = network.weight_drop_masks(rng, weight_drop, arch, dtype) if weight_drop else None
-        loss, grads, state = loss_and_grads(backend, X, Y, state, masks, weight_masks)   # state detached
+        loss, grads, state = backend.loss_and_grads(X, Y, state, masks, weight_masks)   # state detached
         norm, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise Diverged(f"the {'loss' if not math.isfinite(loss) else 'gradient'} is not finite in "
@@ -112,27 +112,6 @@ def divergence(run: Run, stats: EpochStats) -> str | None:
     if not nats <= level + log_v:
         return f"the loss ({nats:.4g} nats/token) is far above its running level ({level:.4g})"
     return None
-
-
-def loss_and_grads(backend, X, Y, state, masks=None, weight_masks: dict | None = None):
-    """`backend.loss_and_grads`, with the recurrent weights multiplied by `weight_masks` (weight drop) for
-    this minibatch: the loss of W * M, and its gradient w.r.t. W, which is M * (gradient w.r.t. W * M).
-    The weights are put back exactly afterwards, whatever happens."""
-    if not weight_masks:
-        return backend.loss_and_grads(X, Y, state, masks)
-    params = backend.params
-    masks_like = {name: optim.like(m, params[name]) for name, m in weight_masks.items()}
-    kept = {name: optim.copy(params[name]) for name in masks_like}
-    try:
-        for name, m in masks_like.items():
-            params[name] *= m
-        loss, grads, state = backend.loss_and_grads(X, Y, state, masks)
-    finally:
-        for name, w in kept.items():
-            params[name][...] = w
-    for name, m in masks_like.items():
-        grads[name] *= m
-    return loss, grads, state
 
 
 def samples(run: Run) -> dict[str, str]:

@@ -5,8 +5,9 @@ same forward math with autograd, on CPU or CUDA. Both take the parameters as a d
 start from identical weights) and expose the same small interface:
 
     begin_state(batch_size) -> state (S, B, H), zeros; S = layers (x2 for the LSTM's cell states)
-    loss_and_grads(X, Y, state, masks=None) -> (mean loss, grads dict, new state)   # state detached;
-                                               # masks: (L, T, B, H) dropout masks or None
+    loss_and_grads(X, Y, state, masks=None, weight_masks=None) -> (mean loss, grads dict, new state)
+                                               # state detached; masks: (L, T, B, H) dropout masks or None;
+                                               # weight_masks: {W_h* name: (H, H) weight-drop mask} or None
     token_nll(X, Y, state) -> (per-prediction NLL (T*B,) float64 numpy, new state)   # no gradients
     step(token_ids, state) -> (logits as numpy (B, V), new state)       # one decoding step
     decoder() -> a `step` callback, possibly precomputed for the current weights
@@ -57,6 +58,15 @@ def device_of(backend) -> str:
 
 
 TORCH_IMPLS = ("auto", "fused", "autograd", "compile")
+
+
+def masked_params(params: dict, weight_masks: dict | None, convert=lambda m, p: m) -> dict:
+    """`params` with the weights named in `weight_masks` multiplied by their masks (weight drop), as new
+    arrays: the backend's own weights are never changed. `convert` turns a numpy mask into the kind of
+    array the parameter is."""
+    if not weight_masks:
+        return params
+    return {name: p * convert(weight_masks[name], p) if name in weight_masks else p for name, p in params.items()}
 
 
 def torch_paths(params: dict, onehot_input: bool = False, dropout: float = 0.0) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import cells, network
+from . import masked_params
 
 _PHI = {"tanh": np.tanh, "relu": cells.NumpyOps.relu}
 
@@ -31,21 +32,28 @@ class NumpyBackend:
         """The book's `init_rnn_state`: zeros, (S, B, H)."""
         return np.zeros((self.arch.num_state_slices, batch_size, self.arch.num_hiddens), dtype=self.dtype)
 
-    def forward(self, X: np.ndarray, state: np.ndarray, masks=None, keep_cache=False):
-        """X (B, T) indices, state (S, B, H) -> logits (T*B, V), new state (S, B, H), cache."""
-        return network.forward(self.params, X, state, self.arch, cells.NumpyOps, self.phi, masks,
-                               self.onehot_input, keep_cache)
+    def forward(self, X: np.ndarray, state: np.ndarray, masks=None, keep_cache=False, params=None):
+        """X (B, T) indices, state (S, B, H) -> logits (T*B, V), new state (S, B, H), cache; with the
+        backend's weights, or `params` in their place."""
+        return network.forward(self.params if params is None else params, X, state, self.arch, cells.NumpyOps,
+                               self.phi, masks, self.onehot_input, keep_cache)
 
-    def loss_and_grads(self, X: np.ndarray, Y: np.ndarray, state: np.ndarray, masks=None):
-        """Mean cross-entropy over the T*B predictions, its gradients, and the final state."""
-        logits, new_state, cache = self.forward(X, state, masks, keep_cache=True)
+    def loss_and_grads(self, X: np.ndarray, Y: np.ndarray, state: np.ndarray, masks=None, weight_masks=None):
+        """Mean cross-entropy over the T*B predictions, its gradients, and the final state.
+
+        `weight_masks` (weight drop) multiply the named weights for this minibatch only: the loss is that of
+        W * M, and the gradient w.r.t. W is M * (the gradient w.r.t. W * M). The stored weights never change."""
+        params = masked_params(self.params, weight_masks)
+        logits, new_state, cache = self.forward(X, state, masks, keep_cache=True, params=params)
         y = Y.T.reshape(-1)                                   # time-major targets, like the logits
         nll, probs = cells.cross_entropy(logits, y)
         dlogits = probs
         dlogits[np.arange(len(y)), y] -= 1
         dlogits /= len(y)                                     # d mean / d logits = (softmax - onehot) / N
-        grads = network.backward(self.params, X, self.arch, cache, dlogits, self.activation, masks,
+        grads = network.backward(params, X, self.arch, cache, dlogits, self.activation, masks,
                                  self.onehot_input)
+        for name, m in (weight_masks or {}).items():
+            grads[name] *= m
         return float(nll.mean()), grads, new_state
 
     def token_nll(self, X: np.ndarray, Y: np.ndarray, state: np.ndarray):

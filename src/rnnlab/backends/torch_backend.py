@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cells, network
+from . import masked_params
 from ..errors import RnnlabError
 
 _PHI = {"tanh": torch.tanh, "relu": torch.relu}
@@ -82,10 +83,13 @@ class TorchBackend:
             logits, new_state = self.forward(params, X, state, masks)
         return F.cross_entropy(logits.to(self.dtype), y), new_state.to(self.dtype)
 
-    def loss_and_grads(self, X, Y, state, masks=None):
+    def loss_and_grads(self, X, Y, state, masks=None, weight_masks=None):
+        """Mean loss, gradients and the detached final state. Weight-drop masks multiply the named weights
+        inside the graph, so autograd's gradient w.r.t. each weight already carries its mask."""
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
+        used = masked_params(leaves, weight_masks, lambda m, p: torch.as_tensor(m, dtype=p.dtype, device=p.device))
         y = self._tensor(Y).T.reshape(-1)
-        loss, new_state = self._loss(leaves, self._tensor(X), y, state, self._masks(masks))
+        loss, new_state = self._loss(used, self._tensor(X), y, state, self._masks(masks))
         grads = torch.autograd.grad(loss, list(leaves.values()))
         return float(loss.detach()), dict(zip(leaves, grads)), new_state.detach()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import masked_params
 from .torch_backend import TorchBackend
 
 
@@ -47,9 +48,9 @@ class TorchFusedBackend(TorchBackend):
         """A matmul-dtype copy of a buffer for bf16 operands; None when matmuls run in the master dtype."""
         return self._buffer(name, shape, self.matmul_dtype) if self.low_precision else None
 
-    def _forward_states(self, X: torch.Tensor, H0: torch.Tensor) -> torch.Tensor:
+    def _forward_states(self, p: dict, X: torch.Tensor, H0: torch.Tensor) -> torch.Tensor:
         """X (B, T) -> states (T+1, B, H) with states[0] = H0: the buffer the backward pass reads."""
-        p, (B, T) = self.params, X.shape
+        B, T = X.shape
         states = self._buffer("states", (T + 1, B, H0.shape[1]))
         states[0] = H0
         torch.add(p["W_xh"][X.T], p["b_h"], out=states[1:])          # input projection, all steps
@@ -70,13 +71,14 @@ class TorchFusedBackend(TorchBackend):
                 low[t].copy_(states[t])
         return states
 
-    def loss_and_grads(self, X, Y, state, masks=None):
-        """As the reference's; `state` is (1, B, H). Dropout needs more than one layer, so no masks."""
+    def loss_and_grads(self, X, Y, state, masks=None, weight_masks=None):
+        """As the reference's; `state` is (1, B, H). The fused model has no dropout sites, so no masks;
+        a weight-drop mask on W_hh is applied to a copy for this minibatch and to its gradient."""
         if masks is not None:
             raise ValueError("the fused path has no dropout sites")
-        p = self.params
+        p = masked_params(self.params, weight_masks, lambda m, w: torch.as_tensor(m, dtype=w.dtype, device=w.device))
         X, y = self._tensor(X), self._tensor(Y).T.reshape(-1)        # y (T*B,) time-major
-        states = self._forward_states(X, state[0])
+        states = self._forward_states(p, X, state[0])
         T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
         Hs = states[1:].reshape(T * B, H)
         # 1) output layer and loss over all T*B rows at once
@@ -112,4 +114,6 @@ class TorchFusedBackend(TorchBackend):
         grads["W_hh"] = self._mm(states[:-1].reshape(T * B, H).T, dA_flat)
         grads["b_h"] = dA_flat.sum(0)
         grads["W_xh"] = torch.zeros_like(p["W_xh"]).index_add_(0, X.T.reshape(-1), dA_flat)
+        for name, m in (weight_masks or {}).items():
+            grads[name] *= torch.as_tensor(m, dtype=grads[name].dtype, device=grads[name].device)
         return float(loss), {k: grads[k] for k in p}, states[-1:].clone()
