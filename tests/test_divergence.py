@@ -52,10 +52,11 @@ def test_the_last_update_of_an_epoch_making_weights_nan_is_caught(monkeypatch):
     calls = []
 
     def poisoned_last_step(self, params, grads, lr):
-        real_step(self, params, grads, lr)
+        new = real_step(self, params, grads, lr)
         calls.append(1)
         if len(calls) == 19:                      # the last minibatch of the first epoch
-            params["W_hh"][0, 0] = np.nan
+            new["W_hh"][0, 0] = np.nan
+        return new
 
     monkeypatch.setattr(optim.Optimizer, "step", poisoned_last_step)
     with pytest.raises(train.Diverged, match="weights are not finite"):
@@ -73,9 +74,10 @@ def test_non_finite_optimizer_buffers_are_divergence(monkeypatch):
     real_update = optim.Adam.update
 
     def overflowing(self, name, p, g, lr):
-        real_update(self, name, p, g, lr)
+        new = real_update(self, name, p, g, lr)
         if self.t == 3:
-            self.state["v"][name][...] = np.inf
+            self.state["v"][name] = np.full_like(self.state["v"][name], np.inf)
+        return new
 
     monkeypatch.setattr(optim.Adam, "update", overflowing)
     with pytest.raises(train.Diverged, match="running averages are not finite"):

@@ -239,7 +239,7 @@ def test_the_training_estimate_bounds_the_reference_backends_peak(cell, num_laye
         X = np.random.default_rng(1).integers(0, V, (B, T))
         for _ in range(2):
             _, grads, state = backend.loss_and_grads(X, X, state)
-            opt.step(backend.params, grads, 0.1)
+            backend.update(lambda params: opt.step(params, grads, 0.1))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

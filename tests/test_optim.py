@@ -26,13 +26,29 @@ def test_no_clip_when_off_or_within_theta(theta):
     np.testing.assert_array_equal(g["a"], [3.0, 0.0])
 
 
-def test_sgd_updates_in_place():
+def test_sgd_returns_new_parameters_and_changes_nothing():
     p = {"a": np.array([1.0, 2.0]), "b": np.array([[0.5]])}
-    before = p["a"]
-    optim.sgd(p, grads_with_norm_5(), lr=0.5)
-    assert p["a"] is before                                           # in place: backends keep their arrays
-    np.testing.assert_allclose(p["a"], [-0.5, 2.0])
-    np.testing.assert_allclose(p["b"], [[-1.5]])
+    new = optim.sgd(p, grads_with_norm_5(), lr=0.5)
+    np.testing.assert_array_equal(p["a"], [1.0, 2.0])                 # the backend applies the result
+    np.testing.assert_allclose(new["a"], [-0.5, 2.0])
+    np.testing.assert_allclose(new["b"], [[-1.5]])
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
+def test_a_step_changes_no_array_in_place(name):
+    """Parameters, gradients and the previous buffers are left as they were: the same code can serve
+    immutable arrays."""
+    opt = optim.make_optimizer(name, weight_decay=0.1)
+    params, grads = {"W_hh": np.ones((2, 2)), "b_h": np.ones(2)}, {"W_hh": np.full((2, 2), 0.5), "b_h": np.ones(2)}
+    for _ in range(2):
+        frozen = {k: v.copy() for k, v in params.items()}
+        buffers = [b.copy() for b in opt.buffer_arrays()]
+        old_buffers = opt.buffer_arrays()
+        new = opt.step(params, grads, 0.1)
+        assert all(np.array_equal(params[k], frozen[k]) for k in params)
+        assert all(np.array_equal(b, c) for b, c in zip(old_buffers, buffers))
+        assert all(not np.array_equal(new[k], params[k]) for k in params)
+        params = new
 
 
 @pytest.mark.parametrize("name, weight_decay", [("momentum", 0.0), ("momentum", 0.1), ("adam", 0.0),
@@ -52,7 +68,7 @@ def test_optimizers_match_torch_optim(name, weight_decay):
                "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=weight_decay)}
     torch_opt = classes[name]([ref])
     for g in grads:
-        opt.step(ours, {"W_hh": g.copy()}, 0.05)
+        ours = opt.step(ours, {"W_hh": g.copy()}, 0.05)
         ref.grad = torch.tensor(g)
         torch_opt.step()
         np.testing.assert_allclose(ours["W_hh"], ref.detach().numpy(), rtol=1e-12, atol=1e-14)
@@ -61,7 +77,7 @@ def test_optimizers_match_torch_optim(name, weight_decay):
 def test_weight_decay_skips_biases():
     opt = optim.make_optimizer("sgd", weight_decay=0.5)
     params = {"W_xh": np.ones(2), "b_h": np.ones(2)}
-    opt.step(params, {"W_xh": np.zeros(2), "b_h": np.zeros(2)}, 1.0)
+    params = opt.step(params, {"W_xh": np.zeros(2), "b_h": np.zeros(2)}, 1.0)
     assert params["W_xh"].tolist() == [0.5, 0.5] and params["b_h"].tolist() == [1.0, 1.0]
 
 

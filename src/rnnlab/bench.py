@@ -113,7 +113,7 @@ def _train_fn(model, batches):
             for X, Y in batches:
                 _, grads, state = model.loss_and_grads(X, Y, state)
                 optim.clip_grad_norm(grads, 1.0)
-                optim.sgd(model.params, grads, 1.0)
+                model.update(lambda params: optim.sgd(params, grads, 1.0))
         return run
     import torch
 

@@ -88,8 +88,7 @@ def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int 
     if not lr > 0 or num_steps < 1 or decay < 0:
         raise RnnlabError(f"dynamic evaluation needs lr > 0, num_steps >= 1 and decay >= 0, "
                           f"got lr={lr}, num_steps={num_steps}, decay={decay}")
-    params = backend.params
-    trained = {k: optim.copy(p) for k, p in params.items()} if decay else {}
+    trained = {k: optim.copy(p) for k, p in backend.params.items()} if decay else {}
     state = backend.begin_state(1)
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens) - 1
@@ -100,7 +99,11 @@ def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int 
         loss, grads, state = backend.loss_and_grads(X, Y, state)     # scored with the weights before the step
         total += loss * (stop - start)
         optim.clip(grads, theta)
-        optim.sgd(params, grads, lr)
-        for k, p in trained.items():
-            params[k] -= decay * (params[k] - p)
+        backend.update(lambda params: _dynamic_step(params, grads, lr, decay, trained))
     return summarize(total, n)
+
+
+def _dynamic_step(params: dict, grads: dict, lr: float, decay: float, trained: dict) -> dict:
+    """One step of dynamic evaluation: SGD, then a pull of `decay` back toward the trained weights."""
+    new = optim.sgd(params, grads, lr)
+    return {k: p - decay * (p - trained[k]) if k in trained else p for k, p in new.items()}

@@ -1,8 +1,9 @@
 """Clipping, optimizers and learning-rate schedules, written once for every backend.
 
-They use only elementwise arithmetic, `.sum()` and in-place updates, which numpy arrays and torch tensors
-share, so the reference and the fast backends run literally the same update code. Optimizer buffers are
-arrays of the parameters' own kind; `state_dict` turns them into numpy arrays for the checkpoint.
+They use only elementwise arithmetic and `.sum()`, which numpy arrays and torch tensors share, so the
+reference and the fast backends run literally the same update code. Updates return new arrays, which the
+backend applies; clipping scales the gradients in place, as they are the caller's own arrays. Optimizer
+buffers are arrays of the parameters' own kind; `state_dict` turns them into numpy arrays for the checkpoint.
 """
 from __future__ import annotations
 
@@ -68,10 +69,9 @@ def all_finite(arrays) -> bool:
     return all(bool((a * 0 == 0).all()) for a in values)
 
 
-def sgd(params: dict, grads: dict, lr: float) -> None:
-    """The book's `sgd` with batch_size=1 (the loss is already a mean): param -= lr * grad, in place."""
-    for name, p in params.items():
-        p -= lr * grads[name]
+def sgd(params: dict, grads: dict, lr: float) -> dict:
+    """The book's `sgd` with batch_size=1 (the loss is already a mean): the new parameters param - lr * grad."""
+    return {name: p - lr * grads[name] for name, p in params.items()}
 
 
 def _zeros_like(p):
@@ -100,8 +100,11 @@ def decays(name: str) -> bool:
 
 
 class Optimizer:
-    """Updates parameters in place from their gradients. `weight_decay` adds wd * W to the gradient of
-    every weight matrix (L2), except in AdamW, which shrinks the weights directly (decoupled)."""
+    """An update rule: `step(params, grads, lr)` returns the new parameters, computed from the parameters,
+    the gradients and the optimizer's state (its step count and buffers), which it replaces with the new
+    state. No array is changed in place, so the same code serves numpy, torch and immutable arrays, and a
+    backend applies the result (`backend.update`). `weight_decay` adds wd * W to the gradient of every
+    weight matrix (L2), except in AdamW, which shrinks the weights directly (decoupled)."""
     name = "sgd"
     buffers: tuple[str, ...] = ()
 
@@ -110,16 +113,18 @@ class Optimizer:
         self.t = 0                                   # updates taken
         self.state: dict[str, dict] = {b: {} for b in self.buffers}
 
-    def step(self, params: dict, grads: dict, lr: float) -> None:
+    def step(self, params: dict, grads: dict, lr: float) -> dict:
         self.t += 1
+        new = {}
         for name, p in params.items():
             g = grads[name]
             if self.weight_decay and decays(name) and self.name != "adamw":
                 g = g + self.weight_decay * p
-            self.update(name, p, g, lr)
+            new[name] = self.update(name, p, g, lr)
+        return new
 
     def update(self, name, p, g, lr):
-        p -= lr * g
+        return p - lr * g
 
     def buffer_arrays(self) -> list:
         """Every buffer array (momentum, Adam moments), in no particular order."""
@@ -168,10 +173,8 @@ class Momentum(Optimizer):
     buffers = ("velocity",)
 
     def update(self, name, p, g, lr):
-        v = self._buffer("velocity", name, p)
-        v *= self.momentum
-        v += g
-        p -= lr * v
+        v = self.state["velocity"][name] = self._buffer("velocity", name, p) * self.momentum + g
+        return p - lr * v
 
 
 class Adam(Optimizer):
@@ -181,13 +184,10 @@ class Adam(Optimizer):
 
     def update(self, name, p, g, lr):
         b1, b2 = self.betas
-        m, v = self._buffer("m", name, p), self._buffer("v", name, p)
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * (g * g)
+        m = self.state["m"][name] = self._buffer("m", name, p) * b1 + (1 - b1) * g
+        v = self.state["v"][name] = self._buffer("v", name, p) * b2 + (1 - b2) * (g * g)
         step = lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        p -= step * m / ((v ** 0.5) + self.eps * math.sqrt(1 - b2 ** self.t))
+        return p - step * m / ((v ** 0.5) + self.eps * math.sqrt(1 - b2 ** self.t))
 
 
 class AdamW(Adam):
@@ -196,8 +196,8 @@ class AdamW(Adam):
 
     def update(self, name, p, g, lr):
         if self.weight_decay and decays(name):
-            p -= (lr * self.weight_decay) * p
-        super().update(name, p, g, lr)
+            p = p - (lr * self.weight_decay) * p
+        return super().update(name, p, g, lr)
 
 
 def make_optimizer(name: str, weight_decay: float = 0.0, momentum: float = 0.9) -> Optimizer:

@@ -91,7 +91,8 @@ def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
             raise Diverged(f"the {'loss' if not math.isfinite(loss) else 'gradient'} is not finite in "
                            f"minibatch {stats.steps + 1}")
         progress = epoch + min((stats.steps + 1) / approx_batches, 1.0)
-        optimizer.step(backend.params, grads, lr_scale * learning_rate(cfg, progress))
+        lr = lr_scale * learning_rate(cfg, progress)
+        backend.update(lambda params: optimizer.step(params, grads, lr))
         stats.nll_sum += loss * Y.size
         stats.tokens += Y.size
         stats.steps += 1

@@ -11,10 +11,12 @@ start from identical weights) and expose the same small interface:
     token_nll(X, Y, state) -> (per-prediction NLL (T*B,) float64 numpy, new state)   # no gradients
     step(token_ids, state) -> (logits as numpy (B, V), new state)       # one decoding step
     decoder() -> a `step` callback, possibly precomputed for the current weights
+    update(fn)                              # parameters = fn(parameters): an optimizer step, applied
     numpy_params() -> dict of numpy arrays
 
 The network (cell, depth, input) is read from the parameter names (`cells.describe`). Gradients are
-arrays of the backend's own kind, updated in place by the backend-neutral `optim` code.
+arrays of the backend's own kind; the backend-neutral `optim` code computes new parameters from them and
+the backend applies them with `update`: no caller changes a backend's arrays.
 """
 from __future__ import annotations
 

@@ -82,5 +82,10 @@ class NumpyBackend:
             return H @ W_hq + b_q, H[None]                                      # (B, V) logits
         return step
 
+    def update(self, fn) -> None:
+        """Apply an update: the parameters become fn(parameters) (an optimizer step, a dynamic-evaluation
+        step); callers never change the backend's arrays themselves."""
+        self.params = dict(fn(self.params))
+
     def numpy_params(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.params.items()}

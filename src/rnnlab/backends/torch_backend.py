@@ -109,5 +109,9 @@ class TorchBackend:
         """A `generate` step callback (the same interface as the numpy backend's)."""
         return self.step
 
+    def update(self, fn) -> None:
+        """Apply an update: the parameters become fn(parameters), tensors on this backend's device."""
+        self.params = dict(fn(self.params))
+
     def numpy_params(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.params.items()}
