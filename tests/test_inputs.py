@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
@@ -208,10 +207,14 @@ def test_bad_temperatures_and_an_unusable_vocabulary():
     ({}, dict(batch_size=10 ** 9, num_steps=10 ** 4), "--batch-size"),
 ])
 def test_check_train_refuses_what_cannot_fit(model, train, flag):
-    start = time.perf_counter()
-    with pytest.raises(RnnlabError) as e:
-        limits.check_train(28, ModelConfig(**model), TrainConfig(**train))
-    assert time.perf_counter() - start < 0.05              # arithmetic only
+    tracemalloc.start()
+    try:
+        with pytest.raises(RnnlabError) as e:
+            limits.check_train(28, ModelConfig(**model), TrainConfig(**train))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20                                  # arithmetic only: nothing of that size is built
     msg = str(e.value)
     assert flag in msg and "would need about" in msg and "GiB; this machine has" in msg
     assert len(msg) < 400 and "\n" not in msg
@@ -285,22 +288,26 @@ def test_format_bytes_stays_short():
 
 @pytest.mark.parametrize("flag, value", [("--num-chars", 10 ** 12), ("--num-samples", 10 ** 12),
                                          ("--num-chars", 2 ** 63 - 1)])
-def test_generate_refuses_sizes_that_cannot_fit(trained, flag, value):
-    start = time.perf_counter()
+def test_generate_refuses_sizes_that_cannot_fit(trained, flag, value, monkeypatch):
+    from rnnlab import generate
+
+    def never(*args, **kwargs):
+        pytest.fail("decoding started before the size was checked")
+
+    monkeypatch.setattr(generate, "predict", never)
     code, out, err = run("generate", "--checkpoint", trained.out, "--backend", "numpy", flag, value)
     one_line_error(code, err, f"{flag} {value}", "GiB", exit_code=1)
-    assert out == "" and time.perf_counter() - start < 10
+    assert out == ""
 
 
 # --- n-gram orders: compared in logarithms, never computed as a power ---------------------------------
 
 def test_huge_order_is_refused_at_once():
-    start = time.perf_counter()
+    """V ** 10**12 would never finish: the check compares logarithms (a regression hangs here)."""
     with pytest.raises(RnnlabError, match="--order 1000000000000 over 28 token types is too large"):
         ngram.KneserNey(10 ** 12, 28)
     with pytest.raises(RnnlabError, match="too few"):
         ngram.KneserNey(10 ** 12, 1).fit(np.zeros(100, dtype=np.int64))
-    assert time.perf_counter() - start < 0.1
 
 
 def test_max_order_is_the_largest_that_fits():
@@ -313,11 +320,9 @@ def test_max_order_is_the_largest_that_fits():
 
 
 def test_cli_huge_orders_end_in_one_line(trained):
-    start = time.perf_counter()
     one_line_error(*run("baseline", "--order", 10 ** 12)[::2], "--order", "too large", exit_code=1)
     one_line_error(*run("eval", "--checkpoint", trained.out, "--backend", "numpy", "--mix-ngram", 10 ** 12)[::2],
                    "too large", exit_code=1)
-    assert time.perf_counter() - start < 20
 
 
 # --- devices --------------------------------------------------------------------------------------------

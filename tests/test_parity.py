@@ -142,7 +142,6 @@ def test_scoring_and_decoding_agree(device):
     np.testing.assert_array_equal(out_ref, out_fast)
 
 
-
 @pytest.mark.parametrize("path, arch", [("fused", "rnn"), ("autograd", "rnn"), ("autograd", "lstm-2layer-embed")])
 def test_dynamic_evaluation_agrees(path, arch):
     arch_kwargs = {} if arch == "rnn" else ARCHS[arch]

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from . import cells, optim, schema
+from . import cells, limits, optim, schema
 from .config import to_dict
 from .errors import RnnlabError
 from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
@@ -264,8 +264,8 @@ def _read_weights(meta_path: Path, meta: dict, vocab_size: int, model_cfg, dtype
 def _size_bounds(V: int, model_cfg, itemsize: int, num_buffers: int) -> tuple[int, int]:
     """(tensors, most bytes) of the weights file of a config, in closed form (a tampered size such as
     num_layers = 2**60 costs nothing): the data plus a generous header entry per tensor."""
-    H, L, E, G = model_cfg.num_hiddens, model_cfg.num_layers, model_cfg.embed_size, len(cells.GATES[model_cfg.cell])
-    numbers = V * E + ((E or V) + H + 1) * G * H + (L - 1) * (2 * H + 1) * G * H + (H + 1) * V
+    numbers = limits.num_params(V, model_cfg.num_hiddens, model_cfg.num_layers, model_cfg.cell,
+                                model_cfg.embed_size)
     copies = 1 + num_buffers
     tensors = _num_params(model_cfg) * copies
     return tensors, itemsize * numbers * copies + _MAX_HEADER_ENTRY * tensors + (1 << 16)

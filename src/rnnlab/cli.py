@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from . import __version__, presets
-from .backends import device_of, resolve_device
+from .backends import check_device, device_of, resolve_device
 from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 from .errors import RnnlabError
 from .fileio import dumps_json
@@ -393,25 +393,6 @@ def cmd_corpora(ns) -> int:
         ok = "sha256 ok" if r["sha256_ok"] else ("SHA-256 MISMATCH" if r["path"] else "")
         print(f"{r['name']:<18} {where}  {ok}")
     return 0
-
-
-def check_device(device: str) -> None:
-    """Refuse, before any work, a torch device this machine cannot run on: cpu, cuda and cuda:N only."""
-    if device in ("cpu", "auto"):
-        return
-    try:
-        import torch
-
-        from .backends.torch_backend import _device
-    except ImportError:
-        raise RnnlabError(f"--device {device} needs PyTorch: pip install -c constraints.txt 'rnnlab[torch]'") \
-            from None
-    kind = _device(device)
-    if kind.type != "cuda":
-        raise RnnlabError(f"--device {device}: rnnlab runs on cpu, cuda or cuda:N")
-    if kind.index is not None and kind.index >= torch.cuda.device_count():
-        raise RnnlabError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                          f"numbered from 0")
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "corpora": cmd_corpora,

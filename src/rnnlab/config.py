@@ -193,8 +193,3 @@ def to_dict(cfg) -> dict:
     """JSON-ready dict of a config (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
-
-def from_dict(cls, d: dict):
-    """Rebuild a config from `to_dict` output, ignoring unknown keys (older/newer checkpoints)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})

@@ -11,8 +11,10 @@ import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .errors import RnnlabError
+from .fileio import sha256_file
 
 
 @dataclass(frozen=True)
@@ -56,32 +58,18 @@ def search_path(data_dir: str | os.PathLike | None = None) -> list[Path]:
     return dirs
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def copies(name: str, data_dir=None) -> Iterator[tuple[Path, str]]:
+    """(path, sha256) of each file with the corpus's file name along the search path, in order, hashed
+    only when reached."""
+    for d in search_path(data_dir):
+        path = d / CORPORA[name].filename
+        if path.is_file():
+            yield path, sha256_file(path)
 
 
 def find(name: str, data_dir=None) -> Path | None:
     """The first file along the search path with the corpus's name and the right hash, or None."""
-    corpus = CORPORA[name]
-    for d in search_path(data_dir):
-        path = d / corpus.filename
-        if path.is_file() and sha256_file(path) == corpus.sha256:
-            return path
-    return None
-
-
-def _wrong_copies(name: str, data_dir=None) -> list[tuple[Path, str]]:
-    """(path, sha256) of every file along the search path with the corpus's file name and the wrong hash."""
-    corpus, wrong = CORPORA[name], []
-    for d in search_path(data_dir):
-        path = d / corpus.filename
-        if path.is_file() and (digest := sha256_file(path)) != corpus.sha256:
-            wrong.append((path, digest))
-    return wrong
+    return next((path for path, digest in copies(name, data_dir) if digest == CORPORA[name].sha256), None)
 
 
 def download(name: str, dest_dir: Path | None = None, url: str | None = None) -> Path:
@@ -120,7 +108,7 @@ def locate(name_or_path: str, data_dir=None, allow_download: bool = True) -> Pat
             reason = "download disabled"
         looked = ", ".join(str(d) for d in search_path(data_dir))
         corpus = CORPORA[name_or_path]
-        wrong = _wrong_copies(name_or_path, data_dir)
+        wrong = [(path, digest) for path, digest in copies(name_or_path, data_dir) if digest != corpus.sha256]
         if wrong:
             (path, digest), others = wrong[0], "".join(f" (also wrong: {p})" for p, _ in wrong[1:])
             raise RnnlabError(
@@ -172,12 +160,10 @@ def status(data_dir=None) -> list[dict]:
     rows = []
     for name, corpus in CORPORA.items():
         found, ok = None, False
-        for d in search_path(data_dir):
-            path = d / corpus.filename
-            if path.is_file():
-                found, ok = path, sha256_file(path) == corpus.sha256
-                if ok:
-                    break
+        for path, digest in copies(name, data_dir):
+            found, ok = path, digest == corpus.sha256
+            if ok:
+                break
         rows.append({"name": name, "title": corpus.title, "path": str(found) if found else None,
                      "sha256_ok": ok, "url": corpus.url})
     return rows

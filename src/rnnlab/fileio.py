@@ -44,11 +44,16 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def finite_or_none(x: float):
+    """`x`, or None where it is not finite (JSON has no inf)."""
+    return x if math.isfinite(x) else None
+
+
 def finite_json(obj):
     """`obj` with every non-finite float (nan, inf, -inf) replaced by None, recursively: strict JSON
     has no NaN or Infinity, and parsers that follow it reject Python's extension."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return finite_or_none(obj)
     if isinstance(obj, dict):
         return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

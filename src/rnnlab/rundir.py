@@ -42,11 +42,6 @@ TEMP = re.compile(r"\.(checkpoint\.json|metrics\.jsonl|perplexity\.png|weights-e
                   r"\.[^/]+\.tmp")
 
 
-def is_run(out) -> bool:
-    """Whether `out` holds an rnnlab run (a checkpoint.json, valid or not)."""
-    return (Path(out) / checkpoint.META_FILE).is_file()
-
-
 def _is_own_entry(path: Path) -> bool:
     """Whether an entry of a run directory (or of its best/) is one rnnlab writes."""
     name = path.name
@@ -218,7 +213,7 @@ class RunWriter:
                                   "while this run was loading; another process trained it")
             repair_best(out, ckpt)
             return
-        if is_run(out):
+        if checkpoint.exists(out):
             if not self.overwrite:
                 raise RnnlabError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                                   "replace it, or choose another --out")
@@ -228,7 +223,7 @@ class RunWriter:
             raise RnnlabError(f"--out {out} is not empty and holds no rnnlab run (it has {shown}); choose an "
                               "empty or new directory, or pass --overwrite to write rnnlab's files there (no "
                               "other file is touched)")
-        self.old_run = is_run(out)
+        self.old_run = checkpoint.exists(out)
         self.replacing = any(_is_own_entry(out / name) for name in present(out))
 
     def close(self) -> None:

@@ -21,12 +21,8 @@ import numpy as np
 from . import cells, checkpoint, corpora, evaluate, limits, optim, rundir, samplers, text
 from .backends import device_of, make_backend
 from .config import RUN_DEFINING, DataConfig, ModelConfig, TrainConfig, to_dict, validate_sizes
-from .errors import Diverged, RnnlabError
-
-
-def finite_or_none(x: float):
-    """`x`, or None where it is not finite (JSON has no inf)."""
-    return x if math.isfinite(x) else None
+from .errors import RnnlabError
+from .fileio import finite_or_none
 
 
 @dataclass
@@ -178,11 +174,10 @@ def _schedule_note(ckpt: checkpoint.Checkpoint, train_cfg: TrainConfig) -> list[
 
 def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
     """The run's state as a checkpoint: weights, optimizer buffers, RNG, records and counters (numpy
-    copies, so it stays valid while training goes on)."""
+    copies, so it stays valid while training goes on). The loop takes one only of a state that its
+    divergence check passed, so no checkpoint holds a value that is not finite."""
     params = run.backend.numpy_params()
     opt_meta, opt_arrays = run.optimizer.state_dict()
-    if not (optim.all_finite(params) and optim.all_finite(opt_arrays)):
-        raise Diverged("the weights or the optimizer's running averages are not finite")
     cfg = {"data": to_dict(run.data_cfg), "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg)}
     extra = {"corpus_path": str(run.dataset.path), "corpus_sha256": run.dataset.sha256,
              "train_tokens": len(run.dataset.train), "val_tokens": len(run.dataset.val),

@@ -35,8 +35,10 @@ import numpy as np
 from . import checkpoint, evaluate, generate, network, optim, rundir, samplers, text
 from .config import TrainConfig, resets_state
 from .errors import Diverged, RnnlabError
-from .runstate import Run, _check_trainable, finite_or_none, make_checkpoint, restore
-from .runstate import load_dataset, new_run, resume_run  # noqa: F401  (the library's entry points, used via train)
+from .fileio import finite_or_none
+from .runstate import Run, _check_trainable, make_checkpoint, restore
+from .rundir import read_metrics  # noqa: F401  (the library's entry points, used via train)
+from .runstate import load_dataset, new_run, resume_run  # noqa: F401
 
 MAX_ROLLBACKS = 5
 ROLLBACK_LR_FACTOR = 0.5
@@ -159,11 +161,6 @@ def format_record(r: dict) -> str:
     return line + "".join(f"  | {s!r}" for s in r["samples"].values())
 
 
-def read_metrics(out) -> list[dict]:
-    """The records of OUT/metrics.jsonl (see rundir.read_metrics)."""
-    return rundir.read_metrics(out)
-
-
 def roll_back(run: Run, last_good: checkpoint.Checkpoint, reason: str, log: Callable[[str], None]) -> None:
     """Go back to the last good state with a smaller learning rate, or raise Diverged when the rollbacks
     are used up."""
@@ -206,7 +203,7 @@ def open_writer(run: Run, out, overwrite: bool = False) -> rundir.RunWriter:
     run must find its own checkpoint there. Close it when done, or use it as a context manager."""
     out = Path(out)
     resume_epoch = run.saved_epoch if run.out is not None and run.out.resolve() == out.resolve() else None
-    if resume_epoch is None and run.epoch > 0 and not overwrite and rundir.is_run(out):
+    if resume_epoch is None and run.epoch > 0 and not overwrite and checkpoint.exists(out):
         raise RnnlabError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
                           "it, or choose another --out")
     writer = rundir.RunWriter(out, overwrite, resume_epoch)
@@ -246,7 +243,8 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar) -> None:
     cfg = run.train_cfg
     window = EpochStats()       # training since the last log: tokens/s and train ppl of the interval
     session_start, elapsed_before = time.perf_counter(), run.elapsed_s
-    last_good = make_checkpoint(run)
+    rollback = cfg.on_divergence == "rollback"
+    last_good = make_checkpoint(run) if rollback else None     # what a rollback returns to
     while run.epoch < cfg.num_epochs:
         try:
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught just below
@@ -256,7 +254,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar) -> None:
         except Diverged as e:
             reason = str(e)
         if reason is not None:
-            if cfg.on_divergence != "rollback":
+            if not rollback:
                 raise Diverged(_stop_message(run, reason, writer))
             roll_back(run, last_good, reason, log)
             bar.n = run.epoch
@@ -280,7 +278,8 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar) -> None:
             due = not cfg.sample_every or run.epoch % cfg.sample_every == 0 or run.epoch == cfg.num_epochs
             run.records.append(make_record(run, stats, window, val, samples(run) if due else {}))
             log(format_record(run.records[-1]))
-            last_good = make_checkpoint(run)
+            if writer is not None or rollback:
+                last_good = make_checkpoint(run)
             if writer is not None:
                 writer.save(last_good, run.records, best=improved)
                 _plot(run, writer.plot_path, log)

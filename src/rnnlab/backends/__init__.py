@@ -54,6 +54,25 @@ def resolve_device(device: str, backend: str = "auto") -> str:
     return "cpu"
 
 
+def check_device(device: str) -> None:
+    """Refuse, before any work, a torch device this machine cannot run on: cpu, cuda and cuda:N only."""
+    if device in ("cpu", "auto"):
+        return
+    try:
+        import torch
+
+        from .torch_backend import _device
+    except ImportError:
+        raise RnnlabError(f"--device {device} needs PyTorch: pip install -c constraints.txt 'rnnlab[torch]'") \
+            from None
+    kind = _device(device)
+    if kind.type != "cuda":
+        raise RnnlabError(f"--device {device}: rnnlab runs on cpu, cuda or cuda:N")
+    if kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise RnnlabError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
+
+
 def device_of(backend) -> str:
     """The device a backend runs on, as text ('cpu', 'cuda:0', ...)."""
     return str(getattr(backend, "device", "cpu"))
