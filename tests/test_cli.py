@@ -522,7 +522,7 @@ def test_train_bad_sizes(capsys, flag, value):
 
 @pytest.mark.parametrize("argv", [
     ["train", "--batch-size", "abc"],
-    ["train", "--backend", "jax"],
+    ["train", "--backend", "tensorflow"],
     ["train", "--no-such-flag"],
     ["generate"],                                  # --checkpoint is required
     ["eval", "--split", "test", "--checkpoint", "x"],

@@ -10,8 +10,9 @@ def grads_with_norm_5():
 
 
 def test_clip_scales_to_theta_when_norm_exceeds_it():
-    g = grads_with_norm_5()
-    norm, clipped = optim.clip_grad_norm(g, 1.0)
+    given = grads_with_norm_5()
+    g, norm, clipped = optim.clip_grad_norm(given, 1.0)
+    assert given["a"].tolist() == [3.0, 0.0]          # new arrays: the caller's are untouched
     assert norm == 5.0 and clipped
     np.testing.assert_allclose(g["a"], [0.6, 0.0])
     np.testing.assert_allclose(g["b"], [[0.8]])
@@ -21,7 +22,7 @@ def test_clip_scales_to_theta_when_norm_exceeds_it():
 @pytest.mark.parametrize("theta", [0.0, 5.0, 7.5])
 def test_no_clip_when_off_or_within_theta(theta):
     g = grads_with_norm_5()
-    norm, clipped = optim.clip_grad_norm(g, theta)
+    g, norm, clipped = optim.clip_grad_norm(g, theta)
     assert norm == 5.0 and not clipped
     np.testing.assert_array_equal(g["a"], [3.0, 0.0])
 
@@ -83,10 +84,10 @@ def test_weight_decay_skips_biases():
 
 def test_clip_by_value_clips_each_element():
     grads = {"a": np.array([3.0, -0.2]), "b": np.array([-5.0])}
-    norm, clipped = optim.clip(grads, 1.0, "value")
+    grads, norm, clipped = optim.clip(grads, 1.0, "value")
     assert clipped and norm == pytest.approx(np.sqrt(9 + 0.04 + 25))
     assert grads["a"].tolist() == [1.0, -0.2] and grads["b"].tolist() == [-1.0]
-    assert optim.clip({"a": np.array([0.5])}, 1.0, "value")[1] is False
+    assert optim.clip({"a": np.array([0.5])}, 1.0, "value")[2] is False
 
 
 def test_schedules():

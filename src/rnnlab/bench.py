@@ -112,7 +112,7 @@ def _train_fn(model, batches):
             state = model.begin_state(batches[0][0].shape[0])
             for X, Y in batches:
                 _, grads, state = model.loss_and_grads(X, Y, state)
-                optim.clip_grad_norm(grads, 1.0)
+                grads, _, _ = optim.clip_grad_norm(grads, 1.0)
                 model.update(lambda params: optim.sgd(params, grads, 1.0))
         return run
     import torch

@@ -21,6 +21,14 @@ Layer l > 1 of a stack takes the layer below's states as its X and names its par
 `_l<l>` (W_xh_l2, ...). With a learned embedding, tokens are looked up in W_emb (V, E) and layer 1's W_x*
 are (E, H); without one, layer 1's W_x* are (V, H) and gathered by token (one-hot input).
 
+The framework's recurrent layers (torch.nn.RNN / GRU / LSTM, cuDNN) compute the same cells in another form,
+`variant="nn"`: every gate carries two biases, b_* on the input side (torch's bias_ih) and b_h* on the
+recurrent side (bias_hh), and the GRU applies its reset gate after the recurrent matmul:
+
+    nn GRU   H~ = tanh(X W_xh + b_h + R * (H W_hh + b_hh))          (the book: (R * H) W_hh)
+
+The LSTM and the RNN only gain the second bias. The variant follows from the names present, like the cell.
+
 Inside a layer the gates' weights are concatenated in gate order (W_x (I, G*H), W_h (H, G*H), b (G*H,)) so
 each step needs one recurrent matmul (two for the GRU, whose candidate sees R * H). The step functions use
 only `@`, `*`, `+`, slicing and the functions of an `ops` namespace, so the same forward code runs on numpy
@@ -35,6 +43,7 @@ import numpy as np
 
 GATES = {"rnn": ("h",), "gru": ("z", "r", "h"), "lstm": ("i", "f", "o", "c")}
 CELLS = tuple(GATES)
+VARIANTS = ("book", "nn")          # nn: two biases per gate, the GRU's reset after its recurrent matmul
 PARAM_NAMES = ("W_xh", "W_hh", "b_h", "W_hq", "b_q")       # the book's RNN
 
 
@@ -66,6 +75,7 @@ class Arch:
     embed_size: int = 0              # 0: one-hot input (gathered rows of layer 1's W_x*)
     vocab_size: int = 0
     num_hiddens: int = 0
+    variant: str = "book"            # "nn": the framework's form (two biases, reset-after GRU)
 
     @property
     def num_state_slices(self) -> int:
@@ -74,7 +84,7 @@ class Arch:
     @property
     def is_book_rnn(self) -> bool:
         """The §8.5 model: one RNN layer on one-hot input (the fused fast paths handle only this one)."""
-        return self.cell == "rnn" and self.num_layers == 1 and not self.embed_size
+        return self.cell == "rnn" and self.num_layers == 1 and not self.embed_size and self.variant == "book"
 
 
 def suffix(layer: int) -> str:
@@ -82,54 +92,81 @@ def suffix(layer: int) -> str:
     return "" if layer == 0 else f"_l{layer + 1}"
 
 
-def layer_names(cell: str, layer: int) -> list[tuple[str, str, str]]:
-    """(W_x*, W_h*, b_*) names of every gate of one layer, in gate order."""
+def layer_names(cell: str, layer: int, variant: str = "book") -> list[tuple[str, ...]]:
+    """(W_x*, W_h*, b_*) names of every gate of one layer, in gate order; (W_x*, W_h*, b_*, b_h*) for the
+    nn variant."""
     s = suffix(layer)
+    if variant == "nn":
+        return [(f"W_x{g}{s}", f"W_h{g}{s}", f"b_{g}{s}", f"b_h{g}{s}") for g in GATES[cell]]
     return [(f"W_x{g}{s}", f"W_h{g}{s}", f"b_{g}{s}") for g in GATES[cell]]
 
 
 def param_shapes(vocab_size: int, num_hiddens: int, cell: str = "rnn", num_layers: int = 1,
-                 embed_size: int = 0) -> dict[str, tuple[int, ...]]:
+                 embed_size: int = 0, variant: str = "book") -> dict[str, tuple[int, ...]]:
     """The shape of every parameter, by name, in the order they are initialised."""
     V, H = vocab_size, num_hiddens
     shapes = {"W_emb": (V, embed_size)} if embed_size else {}
     for layer in range(num_layers):
         num_inputs = H if layer else (embed_size or V)
-        for W_x, W_h, b in layer_names(cell, layer):
-            shapes.update({W_x: (num_inputs, H), W_h: (H, H), b: (H,)})
+        for names in layer_names(cell, layer, variant):
+            shapes.update({names[0]: (num_inputs, H), names[1]: (H, H)})
+            shapes.update({b: (H,) for b in names[2:]})
     shapes.update({"W_hq": (H, V), "b_q": (V,)})
     return shapes
 
 
 def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator, dtype=np.float32,
                 cell: str = "rnn", num_layers: int = 1, embed_size: int = 0,
-                init: str = "normal") -> dict[str, np.ndarray]:
+                init: str = "normal", variant: str = "book") -> dict[str, np.ndarray]:
     """The book's `get_params`: weights ~ N(0, 0.01^2), biases zero, weights drawn in the book's order.
 
     `init="uniform"` draws weights from U(-1/sqrt(H), 1/sqrt(H)) instead (torch.nn.RNN/GRU/LSTM's scheme),
-    which deep and gated models train better from. Drawn in float64 and then cast, so every dtype and every
+    which deep and gated models train better from; `init="flax"` is the JAX port's (seed 003) Flax cells:
+    lecun-normal W_x* and W_hq, orthogonal W_h* (W_emb: lecun-normal over its E columns). Drawn in float64 and then cast, so every dtype and every
     backend starts from the same weights.
     """
     bound = 1.0 / np.sqrt(num_hiddens)
 
-    def draw(shape):
+    def draw(name, shape):
         if init == "normal":
-            return (rng.standard_normal(shape) * 0.01).astype(dtype)
-        return rng.uniform(-bound, bound, shape).astype(dtype)
+            return rng.standard_normal(shape) * 0.01
+        if init == "uniform":
+            return rng.uniform(-bound, bound, shape)
+        if name.startswith("W_h") and name != "W_hq":
+            return orthogonal(rng, shape[0])
+        return lecun_normal(rng, shape, fan_in=shape[1] if name == "W_emb" else shape[0])
 
-    shapes = param_shapes(vocab_size, num_hiddens, cell, num_layers, embed_size)
-    return {name: draw(shape) if name.startswith("W") else np.zeros(shape, dtype=dtype)
+    shapes = param_shapes(vocab_size, num_hiddens, cell, num_layers, embed_size, variant)
+    return {name: draw(name, shape).astype(dtype) if name.startswith("W") else np.zeros(shape, dtype=dtype)
             for name, shape in shapes.items()}
 
 
-_KIND_RANK = {"W_x": 0, "W_h": 1, "b_": 2}
+def lecun_normal(rng: np.random.Generator, shape: tuple, fan_in: int) -> np.ndarray:
+    """Flax's default kernel init: a normal truncated to [-2, 2] standard deviations, scaled so the
+    variance is 1 / fan_in (0.8796 is the standard deviation of a unit normal truncated there)."""
+    z = rng.standard_normal(shape)
+    out_of_range = np.abs(z) > 2
+    while out_of_range.any():                       # redraw the tails: a truncated normal
+        z[out_of_range] = rng.standard_normal(int(out_of_range.sum()))
+        out_of_range = np.abs(z) > 2
+    return z * (np.sqrt(1.0 / fan_in) / 0.87962566103423978)
+
+
+def orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random (n, n) orthogonal matrix (Flax's recurrent init): Q of the QR of a normal matrix, its
+    columns' signs fixed by R's diagonal so that Q is uniformly distributed."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+_KIND_RANK = {"W_x": 0, "W_h": 1, "b_": 2, "b_h": 3}
 _GATE_RANK = {g: i for gates in GATES.values() for i, g in enumerate(gates)}   # i f o c / z r h / h
-_LAYER_NAME = re.compile(r"(W_x|W_h|b_)([a-z])(?:_l(\d+))?")
+_LAYER_NAME = re.compile(r"(W_x|W_h|b_h|b_)([a-z])(?:_l(\d+))?")      # b_hz: b_h + z; b_h: b_ + h
 
 
 def canonical_key(name: str) -> tuple:
     """Sort key putting parameter names in `param_shapes` order (W_emb, then every layer's gates as
-    W_x*, W_h*, b_*, then W_hq, b_q), whatever order a dict holds them in. Reductions over parameters
+    W_x*, W_h*, b_* [, b_h*], then W_hq, b_q), whatever order a dict holds them in. Reductions over parameters
     (the global gradient norm) follow it, so they give the same bits in every process."""
     if name == "W_emb":
         return (0,)
@@ -147,29 +184,35 @@ def canonical_order(names) -> list[str]:
 
 
 def describe(params: dict) -> Arch:
-    """The Arch of a parameter dict (cell, depth and input kind follow from the names present)."""
+    """The Arch of a parameter dict (cell, depth, input kind and variant follow from the names present)."""
     cell = "lstm" if "W_xi" in params else "gru" if "W_xz" in params else "rnn"
+    variant = "nn" if f"b_h{GATES[cell][0]}" in params else "book"
     num_layers = 1
     while f"W_xh{suffix(num_layers)}" in params or f"W_xi{suffix(num_layers)}" in params:
         num_layers += 1
     embed_size = params["W_emb"].shape[1] if "W_emb" in params else 0
     V, H = params["W_hq"].shape[1], params["W_hq"].shape[0]
-    return Arch(cell, num_layers, embed_size, V, H)
+    return Arch(cell, num_layers, embed_size, V, H, variant)
 
 
-def layer_weights(params: dict, cell: str, layer: int, ops) -> tuple:
-    """One layer's gates concatenated: W_x (I, G*H), W_h (H, G*H), b (G*H,)."""
-    names = layer_names(cell, layer)
-    return tuple(ops.cat([params[n[k]] for n in names]) for k in range(3))
+def layer_weights(params: dict, arch: Arch, layer: int, ops) -> tuple:
+    """One layer's gates concatenated: W_x (I, G*H), W_h (H, G*H), b (G*H,), and the recurrent-side
+    bias b_rec (G*H,) of the nn variant (None for the book's cells)."""
+    names = layer_names(arch.cell, layer, arch.variant)
+    W_x, W_h, b = (ops.cat([params[n[k]] for n in names]) for k in range(3))
+    b_rec = ops.cat([params[n[3]] for n in names]) if arch.variant == "nn" else None
+    return W_x, W_h, b, b_rec
 
 
-def split_layer_grads(cell: str, layer: int, dW_x, dW_h, db) -> dict:
+def split_layer_grads(arch: Arch, layer: int, dW_x, dW_h, db, db_rec=None) -> dict:
     """Concatenated gradients of one layer back to the per-gate names."""
     H = dW_h.shape[0]
     out = {}
-    for g, names in enumerate(layer_names(cell, layer)):
+    for g, names in enumerate(layer_names(arch.cell, layer, arch.variant)):
         cols = slice(g * H, (g + 1) * H)
         out.update({names[0]: dW_x[:, cols], names[1]: dW_h[:, cols], names[2]: db[cols]})
+        if db_rec is not None:
+            out[names[3]] = db_rec[cols]
     return out
 
 
@@ -187,11 +230,22 @@ def output_layer(Hs, W_hq, b_q):
 
 # ---- one step of each cell, forward; shared by numpy and torch ----
 
-def step(cell: str, XW_t, state: tuple, W_h, ops, phi):
-    """One time step. XW_t (B, G*H) is the input projection with biases, `state` is (H,) or (H, C) for the
-    LSTM. Returns (new state tuple, cache): the cache holds what the numpy backward step needs."""
+def step(cell: str, XW_t, state: tuple, W_h, ops, phi, b_rec=None):
+    """One time step. XW_t (B, G*H) is the input projection with its biases, `state` is (H,) or (H, C) for
+    the LSTM, b_rec (G*H,) the nn variant's recurrent-side bias (None: the book's cells). Returns (new state
+    tuple, cache): the cache holds what the numpy backward step needs."""
     H = state[0]
     Hn = H.shape[-1]
+    if cell == "gru" and b_rec is not None:          # nn.GRU: reset gate after the recurrent matmul
+        HW = H @ W_h + b_rec                                             # (B, 3H)
+        ZR = ops.sigmoid(XW_t[:, :2 * Hn] + HW[:, :2 * Hn])
+        Z, R = ZR[:, :Hn], ZR[:, Hn:]
+        HW_h = HW[:, 2 * Hn:]
+        H_tilde = ops.tanh(XW_t[:, 2 * Hn:] + R * HW_h)
+        H_new = Z * H + (1 - Z) * H_tilde
+        return (H_new,), (H, Z, R, HW_h, H_tilde)
+    if b_rec is not None:                            # the RNN and the LSTM: a second bias, nothing else
+        XW_t = XW_t + b_rec
     if cell == "rnn":
         H_new = phi(XW_t + H @ W_h)
         return (H_new,), (H, H_new)
@@ -231,17 +285,26 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def step_backward(cell: str, cache: tuple, dH: np.ndarray, dC: np.ndarray | None, W_h: np.ndarray,
-                  activation: str):
+                  activation: str, reset_after: bool = False):
     """Back through one step. dH (B, H) [and dC] are the gradients w.r.t. the step's new state.
 
-    Returns dA (B, G*H), the gradient w.r.t. the gates' pre-activations (from which the caller forms the
-    weight gradients), and the gradients w.r.t. the previous state (dH_prev, dC_prev or None).
+    Returns dA (B, G*H), the gradient w.r.t. the gates' pre-activations on the input side (from which the
+    caller forms W_x*'s and b_*'s gradients), dR (B, G*H), the same on the recurrent side (what multiplies
+    W_h* and b_h*: it differs from dA only in the reset-after GRU's candidate, where R scales it), and the
+    gradients w.r.t. the previous state (dH_prev, dC_prev or None).
     """
     Hn = dH.shape[-1]
+    if cell == "gru" and reset_after:
+        H, Z, R, HW_h, H_tilde = cache
+        dA_h = dH * (1 - Z) * (1 - H_tilde * H_tilde)
+        dR_h = dA_h * R                                                  # d/d(H W_hh + b_hh)
+        dA_zr = np.concatenate([dH * (H - H_tilde) * Z * (1 - Z), dA_h * HW_h * R * (1 - R)], -1)
+        dR = np.concatenate([dA_zr, dR_h], -1)
+        return np.concatenate([dA_zr, dA_h], -1), dR, dH * Z + dR @ W_h.T, None
     if cell == "rnn":
         _, H_new = cache
         dA = dH * activation_grad(activation, H_new)
-        return dA, dA @ W_h.T, None
+        return dA, dA, dA @ W_h.T, None
     if cell == "gru":
         H, Z, R, RH, H_tilde = cache
         dA_h = dH * (1 - Z) * (1 - H_tilde * H_tilde)
@@ -250,19 +313,20 @@ def step_backward(cell: str, cache: tuple, dH: np.ndarray, dC: np.ndarray | None
         dA_r = dRH * H * R * (1 - R)
         dA_zr = np.concatenate([dA_z, dA_r], -1)
         dH_prev = dH * Z + dRH * R + dA_zr @ W_h[:, :2 * Hn].T
-        return np.concatenate([dA_zr, dA_h], -1), dH_prev, None
+        dA = np.concatenate([dA_zr, dA_h], -1)
+        return dA, dA, dH_prev, None
     H, C, I, F, O, C_tilde, tanh_C = cache
     dC = dC + dH * O * (1 - tanh_C * tanh_C)
     dA = np.concatenate([dC * C_tilde * I * (1 - I), dC * C * F * (1 - F), dH * tanh_C * O * (1 - O),
                          dC * I * (1 - C_tilde * C_tilde)], -1)
-    return dA, dA @ W_h.T, dC * F
+    return dA, dA, dA @ W_h.T, dC * F
 
 
-def recurrent_inputs(cell: str, caches: list) -> list[tuple[np.ndarray, slice]]:
+def recurrent_inputs(cell: str, caches: list, reset_after: bool = False) -> list[tuple[np.ndarray, slice]]:
     """What multiplies W_h in each step, for the weight gradient: (T, B, H) stacks with the W_h columns
-    they feed. All gates see H_{t-1}, except the GRU candidate, which sees R * H_{t-1}."""
+    they feed. All gates see H_{t-1}, except the book GRU's candidate, which sees R * H_{t-1}."""
     H_prev = np.stack([c[0] for c in caches])
-    if cell != "gru":
+    if cell != "gru" or reset_after:
         return [(H_prev, slice(None))]
     Hn = H_prev.shape[-1]
     return [(H_prev, slice(0, 2 * Hn)), (np.stack([c[3] for c in caches]), slice(2 * Hn, None))]

@@ -225,12 +225,13 @@ def _check_weights_name(name, digest, where: str) -> None:
 
 def _param_shapes(vocab_size: int, model_cfg) -> dict[str, tuple[int, ...]]:
     return cells.param_shapes(vocab_size, model_cfg.num_hiddens, model_cfg.cell, model_cfg.num_layers,
-                              model_cfg.embed_size)
+                              model_cfg.embed_size, model_cfg.cell_variant)
 
 
 def _num_params(model_cfg) -> int:
     """len(_param_shapes(...)) without building it: a tampered num_layers may be 2**60."""
-    return bool(model_cfg.embed_size) + 3 * len(cells.GATES[model_cfg.cell]) * model_cfg.num_layers + 2
+    per_gate = 4 if model_cfg.cell_variant == "nn" else 3           # W_x*, W_h*, b_* [, b_h*]
+    return bool(model_cfg.embed_size) + per_gate * len(cells.GATES[model_cfg.cell]) * model_cfg.num_layers + 2
 
 
 def _buffers(optimizer: dict) -> tuple[str, ...]:
@@ -265,7 +266,7 @@ def _size_bounds(V: int, model_cfg, itemsize: int, num_buffers: int) -> tuple[in
     """(tensors, most bytes) of the weights file of a config, in closed form (a tampered size such as
     num_layers = 2**60 costs nothing): the data plus a generous header entry per tensor."""
     numbers = limits.num_params(V, model_cfg.num_hiddens, model_cfg.num_layers, model_cfg.cell,
-                                model_cfg.embed_size)
+                                model_cfg.embed_size, model_cfg.cell_variant)
     copies = 1 + num_buffers
     tensors = _num_params(model_cfg) * copies
     return tensors, itemsize * numbers * copies + _MAX_HEADER_ENTRY * tensors + (1 << 16)

@@ -46,6 +46,9 @@ class ModelConfig:
     """The network. The defaults are the book's scratch RNN: one tanh layer on one-hot input."""
 
     cell: str = option("rnn", "recurrent cell: the book's RNN, GRU or LSTM", choices=("rnn", "gru", "lstm"))
+    cell_variant: str = option("book", "book: the chapter's cells (one bias per gate); nn: the form of torch.nn's "
+                                       "RNN/GRU/LSTM and cuDNN (two biases per gate, the GRU's reset gate after "
+                                       "its recurrent matmul), which --torch-impl nn runs", choices=("book", "nn"))
     num_hiddens: int = option(512, "hidden units H (per layer)")
     num_layers: int = option(1, "stacked recurrent layers")
     embed_size: int = option(0, "0: one-hot input (the book); N: a learned N-dimensional embedding")
@@ -55,8 +58,9 @@ class ModelConfig:
                                      "training, one mask per minibatch (AWD-LSTM)")
     activation: str = option("tanh", "hidden-state nonlinearity of the RNN cell", choices=("tanh", "relu"))
     init: str = option("normal", "initial weights: normal = the book's N(0, 0.01^2); uniform = "
-                                 "U(-1/sqrt(H), 1/sqrt(H)) as torch.nn's recurrent layers",
-                       choices=("normal", "uniform"))
+                                 "U(-1/sqrt(H), 1/sqrt(H)) as torch.nn's recurrent layers; flax = the JAX "
+                                 "port's Flax cells: lecun-normal input and output weights, orthogonal "
+                                 "recurrent weights", choices=("normal", "uniform", "flax"))
 
 
 @dataclass(frozen=True)
@@ -96,17 +100,19 @@ class TrainConfig:
                                 "detached), reset (zeros before every minibatch), or auto: carry with sequential "
                                 "sampling, reset with random sampling", choices=("auto", "carry", "reset"))
     seed: int = option(0, "seed for the initial weights and the data order")
-    backend: str = option("auto", "auto: torch when installed, else numpy", choices=("auto", "numpy", "torch"))
+    backend: str = option("auto", "auto: torch when installed, else numpy; jax needs the jax extra",
+                          choices=("auto", "numpy", "torch", "jax"))
     device: str = option("auto", "torch device: auto (cuda when present, else cpu, like the book's try_gpu), cpu, "
                                  "cuda, cuda:N", metavar="DEVICE")
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "float64"))
     matmul_dtype: str = option("same", "torch: dtype of matmul operands; bfloat16 keeps float32 master "
                                        "weights, states and sums", choices=("same", "bfloat16"))
-    torch_impl: str = option("auto", "torch path: auto = fused for the book's model, autograd for any other; "
-                                     "fused = hand-written BPTT (the book's one-layer RNN only; fastest exact "
-                                     "path); autograd = autograd over the reference forward; compile = that "
-                                     "autograd step compiled by torch.compile (slow first step)",
-                             choices=("auto", "fused", "autograd", "compile"))
+    torch_impl: str = option("auto", "torch path: auto = fused for the book's model, nn for --cell-variant nn, "
+                                     "autograd for any other; fused = hand-written BPTT (the book's one-layer "
+                                     "RNN only; fastest exact path); autograd = autograd over the reference "
+                                     "forward; compile = that autograd step compiled by torch.compile (slow "
+                                     "first step); nn = torch.nn.RNN/GRU/LSTM, cuDNN on a GPU (--cell-variant "
+                                     "nn models only)", choices=("auto", "fused", "autograd", "compile", "nn"))
     log_every: int = option(10, "evaluate, log, sample and checkpoint every N epochs")
     time_budget: float = option(0.0, "stop after the epoch that takes this run's wall time (evaluation "
                                      "included) past N minutes (0: no limit); that epoch is evaluated and saved",

@@ -98,7 +98,7 @@ def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int 
         X, Y = tokens[None, start:stop], tokens[None, start + 1:stop + 1]
         loss, grads, state = backend.loss_and_grads(X, Y, state)     # scored with the weights before the step
         total += loss * (stop - start)
-        optim.clip(grads, theta)
+        grads, _, _ = optim.clip(grads, theta)
         backend.update(lambda params: _dynamic_step(params, grads, lr, decay, trained))
     return summarize(total, n)
 

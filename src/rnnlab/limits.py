@@ -35,11 +35,12 @@ def memory_bytes() -> int:
 
 
 def num_params(vocab_size: int, num_hiddens: int, num_layers: int = 1, cell: str = "rnn",
-               embed_size: int = 0) -> int:
+               embed_size: int = 0, variant: str = "book") -> int:
     """How many numbers `cells.param_shapes` describes, in closed form (no loop over the layers)."""
     V, H, L, E, G = vocab_size, num_hiddens, num_layers, embed_size, len(GATES[cell])
-    first = (E or V) * G * H + H * G * H + G * H                 # W_x*, W_h*, b_* of layer 1
-    above = (L - 1) * (2 * H * G * H + G * H)                    # layers 2..L take H inputs
+    biases = 2 if variant == "nn" else 1                         # b_* [, b_h*] per gate
+    first = (E or V) * G * H + H * G * H + biases * G * H        # W_x*, W_h*, biases of layer 1
+    above = (L - 1) * (2 * H * G * H + biases * G * H)           # layers 2..L take H inputs
     return V * E + first + above + H * V + V
 
 
@@ -54,7 +55,7 @@ def estimate_train_bytes(vocab_size: int, model_cfg, train_cfg) -> int:
     G, item = len(GATES[m.cell]), _itemsize(t.dtype)
     # weights, gradients, optimizer buffers and the backend's own copy
     copies = 3 + OPTIMIZER_BUFFERS.get(t.optimizer, 2)
-    weights = copies * num_params(V, H, L, m.cell, m.embed_size) * item
+    weights = copies * num_params(V, H, L, m.cell, m.embed_size, m.cell_variant) * item
     activations = ACTIVATION_COPIES * T * B * H * (G + 1) * L * item
     logits = LOGIT_COPIES * T * B * V * item
     # greedy samples logged while training: int64 ids per prefix, decoded one row at a time

@@ -35,7 +35,7 @@ def forward(params: dict, X, state, arch: cells.Arch, ops, phi, masks=None, oneh
     what `backward` needs. `masks` is None or (L, T, B, H) dropout masks."""
     inputs, finals, caches = None, [], []
     for layer in range(arch.num_layers):
-        W_x, W_h, b = cells.layer_weights(params, arch.cell, layer, ops)
+        W_x, W_h, b, b_rec = cells.layer_weights(params, arch, layer, ops)
         if layer > 0:
             XW = inputs @ W_x + b                                   # (T, B, H) @ (H, G*H)
         elif arch.embed_size:
@@ -48,7 +48,7 @@ def forward(params: dict, X, state, arch: cells.Arch, ops, phi, masks=None, oneh
         layer_state = split_state(state, arch, layer)
         outputs, layer_caches = [], []
         for XW_t in ops.unbind(XW):     # torch: unbind, not XW[t], whose backward zero-fills XW per step
-            layer_state, cache = cells.step(arch.cell, XW_t, layer_state, W_h, ops, phi)
+            layer_state, cache = cells.step(arch.cell, XW_t, layer_state, W_h, ops, phi, b_rec)
             outputs.append(layer_state[0])
             if keep_cache:
                 layer_caches.append(cache)
@@ -72,13 +72,14 @@ def backward(params: dict, X: np.ndarray, arch: cells.Arch, cache: dict, dlogits
     for layer in reversed(range(arch.num_layers)):
         if masks is not None:
             d_out = d_out * masks[layer]
-        W_x, W_h, _ = cells.layer_weights(params, arch.cell, layer, cells.NumpyOps)
+        W_x, W_h, _, b_rec = cells.layer_weights(params, arch, layer, cells.NumpyOps)
+        nn_variant = b_rec is not None        # two biases; the GRU resets after its matmul
         layer_cache = cache["layers"][layer]
-        dA = _through_time(arch.cell, layer_cache["steps"], d_out, W_h, activation)   # (T, B, G*H)
-        dA_flat = dA.reshape(T * B, -1)
+        dA, dR = _through_time(arch.cell, layer_cache["steps"], d_out, W_h, activation, nn_variant)
+        dA_flat, dR_flat = dA.reshape(T * B, -1), dR.reshape(T * B, -1)             # (T*B, G*H)
         dW_h = np.zeros_like(W_h)
-        for recurrent, cols in cells.recurrent_inputs(arch.cell, layer_cache["steps"]):
-            dW_h[:, cols] = recurrent.reshape(T * B, Hn).T @ dA_flat[:, cols]
+        for recurrent, cols in cells.recurrent_inputs(arch.cell, layer_cache["steps"], nn_variant):
+            dW_h[:, cols] = recurrent.reshape(T * B, Hn).T @ dR_flat[:, cols]
         inputs = layer_cache["inputs"]
         if inputs is not None:                                      # a layer above 1, or an embedding
             dW_x = inputs.reshape(T * B, -1).T @ dA_flat
@@ -88,24 +89,27 @@ def backward(params: dict, X: np.ndarray, arch: cells.Arch, cache: dict, dlogits
         else:
             dW_x = np.zeros_like(W_x)
             np.add.at(dW_x, X.T.reshape(-1), dA_flat)              # scatter-add: rows that were gathered
-        grads.update(cells.split_layer_grads(arch.cell, layer, dW_x, dW_h, dA_flat.sum(axis=0)))
+        db_rec = dR_flat.sum(axis=0) if nn_variant else None
+        grads.update(cells.split_layer_grads(arch, layer, dW_x, dW_h, dA_flat.sum(axis=0), db_rec))
     if arch.embed_size:
         grads["W_emb"] = np.zeros_like(params["W_emb"])
         np.add.at(grads["W_emb"], X.T.reshape(-1), d_out.reshape(T * B, -1))
     return {name: np.ascontiguousarray(grads[name]) for name in params}
 
 
-def _through_time(cell: str, steps: list, d_out: np.ndarray, W_h: np.ndarray, activation: str) -> np.ndarray:
-    """dA (T, B, G*H) for one layer: the gradient of the loss w.r.t. each step's gate pre-activations,
-    given d_out (T, B, H), the gradient w.r.t. the layer's outputs."""
+def _through_time(cell: str, steps: list, d_out: np.ndarray, W_h: np.ndarray, activation: str,
+                  reset_after: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """dA and dR (T, B, G*H) for one layer: the gradient of the loss w.r.t. each step's gate
+    pre-activations on the input and the recurrent side (`cells.step_backward`), given d_out (T, B, H),
+    the gradient w.r.t. the layer's outputs."""
     T = len(steps)
     dH_next = np.zeros_like(d_out[0])
     dC_next = np.zeros_like(d_out[0]) if cell == "lstm" else None
-    dA = [None] * T
+    dA, dR = [None] * T, [None] * T
     for t in reversed(range(T)):
-        dA[t], dH_next, dC_next = cells.step_backward(cell, steps[t], d_out[t] + dH_next, dC_next, W_h,
-                                                      activation)
-    return np.stack(dA)
+        dA[t], dR[t], dH_next, dC_next = cells.step_backward(cell, steps[t], d_out[t] + dH_next, dC_next, W_h,
+                                                             activation, reset_after)
+    return np.stack(dA), np.stack(dR)
 
 
 def dropout_masks(rng: np.random.Generator, p: float, num_layers: int, B: int, T: int, H: int,
@@ -119,7 +123,7 @@ def dropout_masks(rng: np.random.Generator, p: float, num_layers: int, B: int, T
 
 def recurrent_weight_names(arch: cells.Arch) -> list[str]:
     """The hidden-to-hidden matrices W_h* of every gate and layer (not W_hq, the output layer)."""
-    return [W_h for layer in range(arch.num_layers) for _, W_h, _ in cells.layer_names(arch.cell, layer)]
+    return [names[1] for layer in range(arch.num_layers) for names in cells.layer_names(arch.cell, layer)]
 
 
 def weight_drop_masks(rng: np.random.Generator, p: float, arch: cells.Arch,

@@ -1,8 +1,8 @@
 """Clipping, optimizers and learning-rate schedules, written once for every backend.
 
 They use only elementwise arithmetic and `.sum()`, which numpy arrays and torch tensors share, so the
-reference and the fast backends run literally the same update code. Updates return new arrays, which the
-backend applies; clipping scales the gradients in place, as they are the caller's own arrays. Optimizer
+reference and the fast backends run literally the same update code. Clipping and updates return new arrays
+(nothing is changed in place, so immutable JAX arrays work too), which the backend applies. Optimizer
 buffers are arrays of the parameters' own kind; `state_dict` turns them into numpy arrays for the checkpoint.
 """
 from __future__ import annotations
@@ -27,38 +27,31 @@ def grad_norm(grads: dict) -> float:
     return float(sum((grads[k] * grads[k]).sum() for k in cells.canonical_order(grads))) ** 0.5
 
 
-def clip_grad_norm(grads: dict, theta: float) -> tuple[float, bool]:
+def clip_grad_norm(grads: dict, theta: float) -> tuple[dict, float, bool]:
     """Scale all gradients by theta / norm when the norm exceeds theta (theta = 0: never).
 
-    Returns the norm before clipping and whether it clipped.
+    Returns the (new) gradients, the norm before clipping and whether it clipped.
     """
     norm = grad_norm(grads)
     if theta > 0 and norm > theta:
         scale = theta / norm
-        for g in grads.values():
-            g *= scale
-        return norm, True
-    return norm, False
+        return {name: g * scale for name, g in grads.items()}, norm, True
+    return grads, norm, False
 
 
-def clip_grad_value(grads: dict, theta: float) -> tuple[float, bool]:
-    """Clip every gradient element to [-theta, theta] (theta = 0: never). Returns the norm before
-    clipping and whether any element was clipped."""
+def clip_grad_value(grads: dict, theta: float) -> tuple[dict, float, bool]:
+    """Clip every gradient element to [-theta, theta] (theta = 0: never). Returns the (new) gradients, the
+    norm before clipping and whether any element was clipped."""
     norm = grad_norm(grads)
     if theta <= 0:
-        return norm, False
-    clipped = False
-    for g in grads.values():
-        clipped = clipped or bool((abs(g) > theta).any())
-        if isinstance(g, np.ndarray):
-            np.clip(g, -theta, theta, out=g)
-        else:
-            g.clamp_(-theta, theta)
-    return norm, clipped
+        return grads, norm, False
+    clipped = any(bool((abs(g) > theta).any()) for g in grads.values())
+    return {name: g.clip(-theta, theta) for name, g in grads.items()}, norm, clipped
 
 
-def clip(grads: dict, theta: float, mode: str = "norm") -> tuple[float, bool]:
-    """Clip by global norm (the book) or per element."""
+def clip(grads: dict, theta: float, mode: str = "norm") -> tuple[dict, float, bool]:
+    """Clip by global norm (the book) or per element: (new gradients, norm before clipping, clipped?).
+    No array is changed in place, so it serves immutable (JAX) arrays too."""
     return clip_grad_value(grads, theta) if mode == "value" else clip_grad_norm(grads, theta)
 
 

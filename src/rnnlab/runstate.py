@@ -109,7 +109,8 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     limits.check_train(len(dataset.vocab), model_cfg, train_cfg)       # before any big allocation
     init_rng, data_rng = _generators(train_cfg.seed)
     params = cells.init_params(len(dataset.vocab), model_cfg.num_hiddens, init_rng, np.dtype(train_cfg.dtype),
-                               model_cfg.cell, model_cfg.num_layers, model_cfg.embed_size, model_cfg.init)
+                               model_cfg.cell, model_cfg.num_layers, model_cfg.embed_size, model_cfg.init,
+                               model_cfg.cell_variant)
     return Run(data_cfg, model_cfg, train_cfg, dataset, _backend(params, model_cfg, train_cfg), data_rng,
                _optimizer(train_cfg))
 

@@ -88,7 +88,7 @@ def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
                                       dtype) if dropout else None
         weight_masks = network.weight_drop_masks(rng, weight_drop, arch, dtype) if weight_drop else None
         loss, grads, state = backend.loss_and_grads(X, Y, state, masks, weight_masks)   # state detached
-        norm, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
+        grads, norm, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise Diverged(f"the {'loss' if not math.isfinite(loss) else 'gradient'} is not finite in "
                            f"minibatch {stats.steps + 1}")

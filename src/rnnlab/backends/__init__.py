@@ -24,21 +24,26 @@ import importlib.util
 
 from ..errors import RnnlabError
 
-BACKENDS = ("numpy", "torch")
+BACKENDS = ("numpy", "torch", "jax")
+_NEEDS = {"torch": "PyTorch", "jax": "JAX"}
 
 
 def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def jax_available() -> bool:
+    return importlib.util.find_spec("jax") is not None
+
+
 def resolve(name: str) -> str:
     """'auto' -> torch when it is installed, else numpy; a named backend is checked to be usable."""
     if name == "auto":
         return "torch" if torch_available() else "numpy"
-    if name == "torch" and not torch_available():
-        raise RnnlabError("backend 'torch' needs PyTorch: pip install -c constraints.txt 'rnnlab[torch]'")
     if name not in BACKENDS:
         raise RnnlabError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name in _NEEDS and importlib.util.find_spec(name) is None:
+        raise RnnlabError(f"backend {name!r} needs {_NEEDS[name]}: pip install -c constraints.txt 'rnnlab[{name}]'")
     return name
 
 
@@ -78,7 +83,7 @@ def device_of(backend) -> str:
     return str(getattr(backend, "device", "cpu"))
 
 
-TORCH_IMPLS = ("auto", "fused", "autograd", "compile")
+TORCH_IMPLS = ("auto", "fused", "autograd", "compile", "nn")
 
 
 def masked_params(params: dict, weight_masks: dict | None, convert=lambda m, p: m) -> dict:
@@ -91,27 +96,40 @@ def masked_params(params: dict, weight_masks: dict | None, convert=lambda m, p: 
 
 
 def torch_paths(params: dict, onehot_input: bool = False, dropout: float = 0.0) -> tuple[str, ...]:
-    """The torch paths that can run the network of `params`: the fused hand-written BPTT runs the book's
-    model only (one RNN layer on one-hot input, no dropout); autograd runs everything; compile runs what
-    autograd does except the literal one-hot matmul."""
+    """The torch paths that can run the network of `params`, fastest first on the CPU: the fused
+    hand-written BPTT runs the book's model only (one RNN layer on one-hot input, no dropout); nn
+    (torch.nn's layers) runs the nn cell variant only; autograd runs everything; compile runs what autograd
+    does except the literal one-hot matmul."""
     from .. import cells
-    fused = not onehot_input and not dropout and cells.describe(params).is_book_rnn
-    return (("fused",) if fused else ()) + ("autograd",) + (() if onehot_input else ("compile",))
+    arch = cells.describe(params)
+    fused = not onehot_input and not dropout and arch.is_book_rnn
+    return (("fused",) if fused else ()) + (("nn",) if arch.variant == "nn" else ()) + ("autograd",) \
+        + (() if onehot_input else ("compile",))
+
+
+_PATH_LIMITS = {"fused": "the fused path runs the book's one-layer RNN on one-hot input without dropout",
+                "nn": "the nn path runs torch.nn's cells: train with --cell-variant nn",
+                "compile": "the compile path does not run the literal one-hot matmul"}
 
 
 def make_backend(name: str, params: dict, activation: str = "tanh", device: str = "cpu",
                  onehot_input: bool = False, torch_impl: str = "auto", matmul_dtype: str = "same",
                  dropout: float = 0.0):
     """Build a backend holding `params` (numpy arrays, copied). Its `name` is the exact path that runs:
-    numpy, torch-fused, torch-autograd or torch-compile.
+    numpy, jax, torch-fused, torch-nn, torch-autograd or torch-compile.
 
     On torch, `torch_impl` picks the path: auto = the fused hand-written BPTT for the book's model (the
-    fastest exact path) and autograd for every other network; fused, autograd or compile by name, which is
-    an error for a network the path cannot run. `matmul_dtype="bfloat16"` trains with bf16 matmul operands
+    fastest exact path), torch.nn's layers for the nn cell variant and autograd for every other network;
+    fused, nn, autograd or compile by name, which is an error for a network the path cannot run. `matmul_dtype="bfloat16"` trains with bf16 matmul operands
     and float32 master weights: hand-written in the fused path, by torch.autocast in the others.
     """
     name = resolve(name)
     device = resolve_device(device, name)
+    if name == "jax":
+        if matmul_dtype != "same":
+            raise RnnlabError("the jax backend computes in the parameters' dtype (no --matmul-dtype bfloat16)")
+        from .jax_backend import JaxBackend
+        return JaxBackend(params, activation, device, onehot_input)
     if name == "numpy":
         if device != "cpu" or matmul_dtype != "same":
             raise RnnlabError("the numpy backend runs on the CPU in the parameters' dtype only")
@@ -123,14 +141,17 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
     if torch_impl == "auto":
         torch_impl = can[0]
     elif torch_impl not in can:
-        raise RnnlabError(f"--torch-impl {torch_impl} cannot run this model (the fused path runs the book's "
-                          f"one-layer RNN on one-hot input without dropout); it can run on: {', '.join(can)}")
+        raise RnnlabError(f"--torch-impl {torch_impl} cannot run this model ({_PATH_LIMITS[torch_impl]}); it can "
+                          f"run on: {', '.join(can)}")
     if torch_impl == "fused":
         import torch
 
         from .torch_fused import TorchFusedBackend
         low = torch.bfloat16 if matmul_dtype == "bfloat16" else None
         return TorchFusedBackend(params, activation, device, low)
+    if torch_impl == "nn":
+        from .torch_nn import TorchNNBackend
+        return TorchNNBackend(params, activation, device, onehot_input, matmul_dtype)
     if torch_impl == "compile":
         from .torch_compiled import TorchCompiledBackend
         return TorchCompiledBackend(params, activation, device, matmul_dtype)
