@@ -31,10 +31,10 @@ ARCHS = {
     "lstm-2layer-embed": dict(cell="lstm", num_layers=2, embed_size=3),
     "lstm-3layer": dict(cell="lstm", num_layers=3),
     # torch.nn's form: two biases per gate, the GRU's reset gate after its recurrent matmul
-    "rnn-nn": dict(cell="rnn", variant="nn"),
-    "gru-nn": dict(cell="gru", variant="nn"),
-    "gru-nn-2layer-embed": dict(cell="gru", num_layers=2, embed_size=3, variant="nn"),
-    "lstm-nn-2layer": dict(cell="lstm", num_layers=2, variant="nn"),
+    "rnn-nn": dict(cell="rnn", cell_variant="nn"),
+    "gru-nn": dict(cell="gru", cell_variant="nn"),
+    "gru-nn-2layer-embed": dict(cell="gru", num_layers=2, embed_size=3, cell_variant="nn"),
+    "lstm-nn-2layer": dict(cell="lstm", num_layers=2, cell_variant="nn"),
 }
 
 

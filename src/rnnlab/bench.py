@@ -82,11 +82,16 @@ def _batches(corpus, cfg: BenchConfig, n: int = 8):
 
 
 def training_paths(params, device: str, compile: bool = True):
-    """name -> a backend (or the book's model) built on `params`; torch paths only when torch is present.
+    """name -> a backend (or the book's model) built on `params`; torch paths only when torch is present,
+    the jax path only when JAX is.
 
-    `compile` adds the torch.compile path, whose first step compiles for tens of seconds."""
+    `compile` adds the torch.compile path, whose first step compiles for tens of seconds. The nn path
+    (torch.nn.RNN, cuDNN on a GPU) runs the nn cell variant: the same weights plus a zero second bias."""
+    from .backends import jax_available, make_backend
     from .backends.numpy_backend import NumpyBackend
     paths = {"numpy (reference)": NumpyBackend(params)}
+    if jax_available():
+        paths["jax"] = make_backend("jax", params, device=device)
     try:
         import torch
 
@@ -98,11 +103,18 @@ def training_paths(params, device: str, compile: bool = True):
         return {}, paths
     baseline = {"book (baseline)": bench_book.BookRNN(params, device)}
     paths.update({"torch autograd": TorchBackend(params, device=device),
+                  "torch nn": make_backend("torch", with_second_bias(params), device=device, torch_impl="nn"),
                   "torch fused f32": TorchFusedBackend(params, device=device),
                   "torch fused bf16": TorchFusedBackend(params, device=device, matmul_dtype=torch.bfloat16)})
     if compile:
         paths["torch compile f32"] = TorchCompiledBackend(params, device=device)
     return baseline, paths
+
+
+def with_second_bias(params: dict) -> dict:
+    """The book's RNN parameters as the nn variant's: the same weights and a zero recurrent-side bias."""
+    nn_params = {**params, "b_hh": np.zeros_like(params["b_h"])}
+    return {name: nn_params[name] for name in cells.canonical_order(nn_params)}
 
 
 def _train_fn(model, batches):

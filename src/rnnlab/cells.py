@@ -102,13 +102,13 @@ def layer_names(cell: str, layer: int, variant: str = "book") -> list[tuple[str,
 
 
 def param_shapes(vocab_size: int, num_hiddens: int, cell: str = "rnn", num_layers: int = 1,
-                 embed_size: int = 0, variant: str = "book") -> dict[str, tuple[int, ...]]:
+                 embed_size: int = 0, cell_variant: str = "book") -> dict[str, tuple[int, ...]]:
     """The shape of every parameter, by name, in the order they are initialised."""
     V, H = vocab_size, num_hiddens
     shapes = {"W_emb": (V, embed_size)} if embed_size else {}
     for layer in range(num_layers):
         num_inputs = H if layer else (embed_size or V)
-        for names in layer_names(cell, layer, variant):
+        for names in layer_names(cell, layer, cell_variant):
             shapes.update({names[0]: (num_inputs, H), names[1]: (H, H)})
             shapes.update({b: (H,) for b in names[2:]})
     shapes.update({"W_hq": (H, V), "b_q": (V,)})
@@ -117,7 +117,7 @@ def param_shapes(vocab_size: int, num_hiddens: int, cell: str = "rnn", num_layer
 
 def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator, dtype=np.float32,
                 cell: str = "rnn", num_layers: int = 1, embed_size: int = 0,
-                init: str = "normal", variant: str = "book") -> dict[str, np.ndarray]:
+                init: str = "normal", cell_variant: str = "book") -> dict[str, np.ndarray]:
     """The book's `get_params`: weights ~ N(0, 0.01^2), biases zero, weights drawn in the book's order.
 
     `init="uniform"` draws weights from U(-1/sqrt(H), 1/sqrt(H)) instead (torch.nn.RNN/GRU/LSTM's scheme),
@@ -136,7 +136,7 @@ def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator, dty
             return orthogonal(rng, shape[0])
         return lecun_normal(rng, shape, fan_in=shape[1] if name == "W_emb" else shape[0])
 
-    shapes = param_shapes(vocab_size, num_hiddens, cell, num_layers, embed_size, variant)
+    shapes = param_shapes(vocab_size, num_hiddens, cell, num_layers, embed_size, cell_variant)
     return {name: draw(name, shape).astype(dtype) if name.startswith("W") else np.zeros(shape, dtype=dtype)
             for name, shape in shapes.items()}
 

@@ -35,10 +35,10 @@ def memory_bytes() -> int:
 
 
 def num_params(vocab_size: int, num_hiddens: int, num_layers: int = 1, cell: str = "rnn",
-               embed_size: int = 0, variant: str = "book") -> int:
+               embed_size: int = 0, cell_variant: str = "book") -> int:
     """How many numbers `cells.param_shapes` describes, in closed form (no loop over the layers)."""
     V, H, L, E, G = vocab_size, num_hiddens, num_layers, embed_size, len(GATES[cell])
-    biases = 2 if variant == "nn" else 1                         # b_* [, b_h*] per gate
+    biases = 2 if cell_variant == "nn" else 1                         # b_* [, b_h*] per gate
     first = (E or V) * G * H + H * G * H + biases * G * H        # W_x*, W_h*, biases of layer 1
     above = (L - 1) * (2 * H * G * H + biases * G * H)           # layers 2..L take H inputs
     return V * E + first + above + H * V + V

@@ -2,7 +2,8 @@
 
 Each preset is a partial config per section (data, model, train). `book` is the §8.5 run (every default);
 `legacy` is the early notebook's run (its text, vocabulary, T = 64, iterators and logging cadence; add
-`--sampling legacy-consecutive` for its second run).
+`--sampling legacy-consecutive` for its second run); `concise` is that notebook's concise model (seed 002):
+torch.nn's RNN layer (`--torch-impl nn`, the nn cell variant) with its settings, on the same text.
 The others are the best settings measured for a corpus within a fixed training-time budget on a 2-core
 CPU; the README lists their measured held-out results and the commands that reproduce them.
 """
@@ -17,6 +18,13 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": {},
         "train": {"num_steps": 64, "batch_size": 32, "lr": 1.0, "theta": 1.0, "num_epochs": 500,
                   "sampling": "legacy-random", "log_every": 50, "sample_every": 100,
+                  "prefixes": ("traveller", "time traveller")},
+    },
+    "concise": {     # the early notebook's concise model (seed 002): the framework's RNN layer, its settings
+        "data": {"corpus": "timemachine", "preprocess": "legacy", "max_tokens": 10000},
+        "model": {"num_hiddens": 256, "cell_variant": "nn"},
+        "train": {"num_steps": 35, "batch_size": 32, "lr": 100.0, "theta": 0.01, "num_epochs": 200,
+                  "sampling": "legacy-consecutive", "log_every": 50, "torch_impl": "nn",
                   "prefixes": ("traveller", "time traveller")},
     },
     "timemachine": {
