@@ -97,7 +97,12 @@ INSTANTS = ([("replace", k, "before" if k % 2 else "after") for k in range(1, 19
             + [("unlink", k, when) for k in (1, 2, 3) for when in ("before", "after")])
 
 
-@pytest.mark.parametrize("what, k, when", INSTANTS)
+def every_third(cases):
+    """The cases, every third one in the default suite and the others marked slow (each is a process)."""
+    return [c if i % 3 == 0 else pytest.param(*c, marks=pytest.mark.slow) for i, c in enumerate(cases)]
+
+
+@pytest.mark.parametrize("what, k, when", every_third(INSTANTS))
 def test_kill_inside_writes(tmp_path, straight, what, k, when):
     out = tmp_path / "run"
     done = run_killer(out, what, k, when)
@@ -105,7 +110,8 @@ def test_kill_inside_writes(tmp_path, straight, what, k, when):
     check_and_finish(out, straight)
 
 
-@pytest.mark.parametrize("delay", [0.4, 0.7, 1.0, 1.3, 1.6, 2.0])
+@pytest.mark.parametrize("delay", [0.4, pytest.param(0.7, marks=pytest.mark.slow), 1.0,
+                                   *(pytest.param(d, marks=pytest.mark.slow) for d in (1.3, 1.6)), 2.0])
 def test_kill_at_a_random_instant(tmp_path, straight, delay):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "rnnlab", *ARGS, "--num-epochs", str(EPOCHS), "--out", str(out)]

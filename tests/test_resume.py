@@ -69,7 +69,7 @@ def test_resume_is_bit_exact_while_clipping_fires(tmp_path, monkeypatch, backend
     assert [r["val_ppl"] for r in records] == [r["val_ppl"] for r in train.read_metrics(tmp_path / "straight")]
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("torch", marks=pytest.mark.slow)])
 def test_resume_in_a_new_process_is_bit_exact_while_clipping_fires(tmp_path, backend):
     if backend == "torch":
         pytest.importorskip("torch")

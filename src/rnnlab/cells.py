@@ -22,7 +22,7 @@ Layer l > 1 of a stack takes the layer below's states as its X and names its par
 are (E, H); without one, layer 1's W_x* are (V, H) and gathered by token (one-hot input).
 
 The framework's recurrent layers (torch.nn.RNN / GRU / LSTM, cuDNN) compute the same cells in another form,
-`variant="nn"`: every gate carries two biases, b_* on the input side (torch's bias_ih) and b_h* on the
+`cell_variant="nn"`: every gate carries two biases, b_* on the input side (torch's bias_ih) and b_h* on the
 recurrent side (bias_hh), and the GRU applies its reset gate after the recurrent matmul:
 
     nn GRU   H~ = tanh(X W_xh + b_h + R * (H W_hh + b_hh))          (the book: (R * H) W_hh)

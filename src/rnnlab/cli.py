@@ -109,9 +109,9 @@ def given(ns: argparse.Namespace, cls) -> dict:
 
 
 def _add_backend_args(parser) -> None:
-    parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch"),
-                        help="auto: torch when installed, else numpy (default: auto)")
-    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when present, else cpu), cpu, "
+    parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch", "jax"),
+                        help="auto: torch when installed, else numpy; jax needs the jax extra (default: auto)")
+    parser.add_argument("--device", default="auto", help="device: auto (cuda when present, else cpu), cpu, "
                         "cuda, cuda:N (default: auto)")
 
 
@@ -214,7 +214,7 @@ def cmd_train(ns) -> int:
     data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
     if ns.preset:
         data, model, train_cfg = presets.apply(ns.preset, data, model, train_cfg)
-    check_device(train_cfg.get("device", "auto"))
+    check_device(train_cfg.get("device", "auto"), train_cfg.get("backend", "auto"))
     if ns.resume:
         if not ns.out or ns.overwrite:
             raise RnnlabError("--resume needs --out DIR, the run to continue (and no --overwrite)")
@@ -276,7 +276,7 @@ def cmd_generate(ns) -> int:
     g.validate()
     if ns.num_samples <= 0:
         raise RnnlabError(f"--num-samples must be positive, got {ns.num_samples}")
-    check_device(ns.device)
+    check_device(ns.device, ns.backend)
     # decoding one token at a time is latency-bound: on the CPU, numpy's small calls beat torch's
     backend = "numpy" if ns.backend == "auto" and resolve_device(ns.device) == "cpu" else ns.backend
     m = load_model(ns.checkpoint, backend, ns.device)
@@ -303,7 +303,7 @@ def cmd_eval(ns) -> int:
     if ns.mix_ngram < 0 or not 0.0 <= ns.mix_weight <= 1.0:
         raise RnnlabError(f"--mix-ngram takes an n-gram order >= 1 and --mix-weight a weight in [0, 1], got "
                           f"{ns.mix_ngram} and {ns.mix_weight}")
-    check_device(ns.device)
+    check_device(ns.device, ns.backend)
     m = load_model(ns.checkpoint, ns.backend, ns.device)
     # "train" is what the model trained on (--max-tokens applies); "all" is the whole text
     max_tokens = m.data_cfg.max_tokens if ns.split == "train" else -1

@@ -102,7 +102,7 @@ class TrainConfig:
     seed: int = option(0, "seed for the initial weights and the data order")
     backend: str = option("auto", "auto: torch when installed, else numpy; jax needs the jax extra",
                           choices=("auto", "numpy", "torch", "jax"))
-    device: str = option("auto", "torch device: auto (cuda when present, else cpu, like the book's try_gpu), cpu, "
+    device: str = option("auto", "device: auto (cuda when present, else cpu, like the book's try_gpu), cpu, "
                                  "cuda, cuda:N", metavar="DEVICE")
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "float64"))
     matmul_dtype: str = option("same", "torch: dtype of matmul operands; bfloat16 keeps float32 master "

@@ -68,7 +68,12 @@ def sgd(params: dict, grads: dict, lr: float) -> dict:
 
 
 def _zeros_like(p):
-    return p.new_zeros(p.shape) if hasattr(p, "new_zeros") else np.zeros_like(p)
+    if hasattr(p, "new_zeros"):
+        return p.new_zeros(p.shape)
+    if type(p).__module__.startswith("jax"):                 # a jax array: zeros on its device
+        import jax.numpy as jnp
+        return jnp.zeros(p.shape, p.dtype, device=p.device)
+    return np.zeros_like(p)
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -84,6 +89,9 @@ def like(array: np.ndarray, p):
     """A numpy array as a buffer of the same kind, dtype and device as parameter `p`."""
     if hasattr(p, "new_tensor"):
         return p.new_tensor(array)
+    if type(p).__module__.startswith("jax"):
+        import jax
+        return jax.device_put(np.array(array, dtype=p.dtype), p.device)
     return np.asarray(array, dtype=p.dtype).copy()
 
 

@@ -1,8 +1,9 @@
 """Backends: the same model on different array libraries.
 
 `numpy` is the reference and the teaching code (hand-written BPTT, no autograd); `torch` differentiates the
-same forward math with autograd, on CPU or CUDA. Both take the parameters as a dict of numpy arrays (so they
-start from identical weights) and expose the same small interface:
+same forward math with autograd, on CPU or CUDA; `jax` differentiates it with jax.value_and_grad, compiled by
+XLA, on CPU or a GPU. All take the parameters as a dict of numpy arrays (so they start from identical weights)
+and expose the same small interface:
 
     begin_state(batch_size) -> state (S, B, H), zeros; S = layers (x2 for the LSTM's cell states)
     loss_and_grads(X, Y, state, masks=None, weight_masks=None) -> (mean loss, grads dict, new state)
@@ -48,20 +49,31 @@ def resolve(name: str) -> str:
 
 
 def resolve_device(device: str, backend: str = "auto") -> str:
-    """'auto' -> 'cuda' when the backend is torch and CUDA is present (the book's `try_gpu()`), else 'cpu';
-    any other device is returned as given."""
+    """'auto' -> 'cuda' when the backend is torch and CUDA is present (the book's `try_gpu()`), or the backend
+    is jax and jax has a GPU, else 'cpu'; any other device is returned as given."""
     if device != "auto":
         return device
-    if resolve(backend) == "torch":
+    backend = resolve(backend)
+    if backend == "torch":
         import torch
         if torch.cuda.is_available():
+            return "cuda"
+    if backend == "jax":
+        from .jax_backend import jax_has_gpu
+        if jax_has_gpu():
             return "cuda"
     return "cpu"
 
 
-def check_device(device: str) -> None:
-    """Refuse, before any work, a torch device this machine cannot run on: cpu, cuda and cuda:N only."""
+def check_device(device: str, backend: str = "auto") -> None:
+    """Refuse, before any work, a device this machine cannot run on: cpu, cuda and cuda:N only, checked
+    with jax for the jax backend and with torch otherwise."""
     if device in ("cpu", "auto"):
+        return
+    if backend == "jax":
+        resolve(backend)                                 # JAX is installed, or the error naming the extra
+        from .jax_backend import jax_device
+        jax_device(device)
         return
     try:
         import torch
