@@ -738,6 +738,23 @@ def test_fuzz_safetensors_header(pristine, data):
         _load_or_refuse(Path(tmp))
 
 
+def test_a_line_break_quoted_from_the_weights_header_stays_one_line(pristine, tmp_path):
+    """safetensors quotes the bad bytes in its message; the error must still be one line (found by fuzzing)."""
+    meta = json.loads(pristine["checkpoint.json"])
+    blob = pristine[meta["weights"]]
+    size = int.from_bytes(blob[:8], "little")
+    header, body = json.loads(blob[8:8 + size]), blob[8 + size:]
+    header[next(k for k in sorted(header) if k != "__metadata__")]["dtype"] = "F\n32"
+    text = json.dumps(header).encode()
+    blob = len(text).to_bytes(8, "little") + text + body
+    digest = hashlib.sha256(blob).hexdigest()
+    meta.update(weights=f"weights-e000003-{digest[:12]}.safetensors", weights_sha256=digest)
+    _write(tmp_path, {meta["weights"]: blob, "checkpoint.json": json.dumps(meta).encode()})
+    with pytest.raises(RnnlabError, match="unreadable safetensors") as info:
+        checkpoint.load(tmp_path)
+    assert "\n" not in str(info.value)
+
+
 RECORDS = st.dictionaries(st.sampled_from(["epoch", *schema.RECORD_NUMBERS, "val_tokens", "samples", "other"]),
                           JSON_VALUES, max_size=6)
 

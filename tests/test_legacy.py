@@ -101,3 +101,26 @@ def test_preset_legacy_from_the_command_line(capsys, tmp_path):
     assert set(records[1]["samples"]) == {"traveller", "time traveller"}
     assert cli.main(["generate", "--checkpoint", str(out), "--prefix", "Time  Traveller", "--num-chars", "5"]) == 0
     assert capsys.readouterr().out.startswith("time traveller")
+
+
+def test_preset_concise_trains_the_framework_layer_from_the_command_line(capsys, tmp_path):
+    """The notebook's concise model: torch.nn's RNN (the nn cell variant) on the legacy text, its settings."""
+    pytest.importorskip("torch")
+    if not (DATA / "timemachine.txt").is_file():
+        pytest.skip(f"corpora not found at {DATA}")
+    out = tmp_path / "concise"
+    argv = ["train", "--preset", "concise", "--num-hiddens", "16", "--num-epochs", "2", "--log-every", "1",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "backend torch-nn" in capsys.readouterr().err
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert meta["backend"] == "torch-nn" and meta["config"]["model"]["cell_variant"] == "nn"
+    assert (meta["config"]["train"]["lr"], meta["config"]["train"]["theta"]) == (100.0, 0.01)
+    assert meta["config"]["train"]["sampling"] == "legacy-consecutive" and meta["vocab"] == LEGACY_VOCAB
+    # the same run's checkpoint scores on the reference backend, and the book's cells refuse the nn path
+    assert cli.main(["eval", "--checkpoint", str(out), "--backend", "numpy"]) == 0
+    capsys.readouterr()
+    code = cli.main(["train", "--torch-impl", "nn", "--num-hiddens", "8", "--out", str(tmp_path / "book")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "--cell-variant nn" in err and "fused, autograd, compile" in err
+    assert not (tmp_path / "book").exists()

@@ -121,9 +121,9 @@ def init_params(vocab_size: int, num_hiddens: int, rng: np.random.Generator, dty
     """The book's `get_params`: weights ~ N(0, 0.01^2), biases zero, weights drawn in the book's order.
 
     `init="uniform"` draws weights from U(-1/sqrt(H), 1/sqrt(H)) instead (torch.nn.RNN/GRU/LSTM's scheme),
-    which deep and gated models train better from; `init="flax"` is the JAX port's (seed 003) Flax cells:
-    lecun-normal W_x* and W_hq, orthogonal W_h* (W_emb: lecun-normal over its E columns). Drawn in float64 and then cast, so every dtype and every
-    backend starts from the same weights.
+    which deep and gated models train better from; `init="flax"` is the chapter's JAX port's Flax cells:
+    lecun-normal W_x* and W_hq, orthogonal W_h* (W_emb: lecun-normal over its E columns). Drawn in float64
+    and then cast, so every dtype and every backend starts from the same weights.
     """
     bound = 1.0 / np.sqrt(num_hiddens)
 

@@ -126,7 +126,8 @@ def exists(directory) -> bool:
 # ---- reading ----
 
 def _corrupt(path, why: str) -> RnnlabError:
-    return RnnlabError(f"corrupt checkpoint {path}: {why}")
+    """One line, also when `why` quotes a library's message about the file's bytes (which may hold line breaks)."""
+    return RnnlabError(f"corrupt checkpoint {path}: {' '.join(why.split())}")
 
 
 def _read_regular(path: Path, limit: int | None = None, follow: bool = True) -> bytes:

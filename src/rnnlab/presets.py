@@ -2,7 +2,7 @@
 
 Each preset is a partial config per section (data, model, train). `book` is the §8.5 run (every default);
 `legacy` is the early notebook's run (its text, vocabulary, T = 64, iterators and logging cadence; add
-`--sampling legacy-consecutive` for its second run); `concise` is that notebook's concise model (seed 002):
+`--sampling legacy-consecutive` for its second run); `concise` is that notebook's concise model:
 torch.nn's RNN layer (`--torch-impl nn`, the nn cell variant) with its settings, on the same text.
 The others are the best settings measured for a corpus within a fixed training-time budget on a 2-core
 CPU; the README lists their measured held-out results and the commands that reproduce them.
@@ -20,7 +20,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                   "sampling": "legacy-random", "log_every": 50, "sample_every": 100,
                   "prefixes": ("traveller", "time traveller")},
     },
-    "concise": {     # the early notebook's concise model (seed 002): the framework's RNN layer, its settings
+    "concise": {     # the early notebook's concise model: the framework's RNN layer, its settings
         "data": {"corpus": "timemachine", "preprocess": "legacy", "max_tokens": 10000},
         "model": {"num_hiddens": 256, "cell_variant": "nn"},
         "train": {"num_steps": 35, "batch_size": 32, "lr": 100.0, "theta": 0.01, "num_epochs": 200,

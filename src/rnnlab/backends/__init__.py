@@ -132,8 +132,9 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
 
     On torch, `torch_impl` picks the path: auto = the fused hand-written BPTT for the book's model (the
     fastest exact path), torch.nn's layers for the nn cell variant and autograd for every other network;
-    fused, nn, autograd or compile by name, which is an error for a network the path cannot run. `matmul_dtype="bfloat16"` trains with bf16 matmul operands
-    and float32 master weights: hand-written in the fused path, by torch.autocast in the others.
+    fused, nn, autograd or compile by name, which is an error for a network the path cannot run.
+    `matmul_dtype="bfloat16"` trains with bf16 matmul operands and float32 master weights: hand-written in the
+    fused path, by torch.autocast in the others.
     """
     name = resolve(name)
     device = resolve_device(device, name)
