@@ -1,7 +1,8 @@
-"""Small builders shared by the tests."""
+"""Small builders and checks shared by the tests."""
 import numpy as np
+import pytest
 
-from rnnlab import cells
+from rnnlab import cells, evaluate, network
 
 
 def random_params(V=5, H=4, dtype=np.float64, scale=0.5, seed=0, **arch):
@@ -41,3 +42,61 @@ ARCHS = {
 def random_state(S, B, H, dtype=np.float64, seed=2, scale=0.5):
     """A carried (non-zero) state (S, B, H)."""
     return (np.random.default_rng(seed).standard_normal((S, B, H)) * scale).astype(dtype)
+
+
+def as_np(x):
+    """A torch tensor, jax array or numpy array as numpy."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def reversed_load(real_load):
+    """checkpoint.load, with the parameters and optimizer buffers handed back in reverse order."""
+    def load(directory):
+        ckpt = real_load(directory)
+        ckpt.params = dict(reversed(list(ckpt.params.items())))
+        ckpt.optimizer_arrays = dict(reversed(list(ckpt.optimizer_arrays.items())))
+        return ckpt
+    return load
+
+
+def assert_dynamic_evaluation_agrees(ref, fast, tokens):
+    """Dynamic evaluation (score a segment, then one SGD step on it) gives the same score and the same
+    adapted weights on two backends that start from the same float64 weights."""
+    a = evaluate.score_stream_dynamic(ref, tokens, lr=0.5, num_steps=32, decay=0.1)
+    b = evaluate.score_stream_dynamic(fast, tokens, lr=0.5, num_steps=32, decay=0.1)
+    assert a["nats_per_token"] == pytest.approx(b["nats_per_token"], rel=1e-10)
+    for k, v in fast.numpy_params().items():
+        np.testing.assert_allclose(v, ref.params[k], rtol=1e-9, atol=1e-12)
+
+
+def assert_bf16_close(exact, low, params, V=28, B=8, T=12):
+    """A bf16-matmul backend against the same model in float32: close to it, not equal; the loss, the
+    state, every gradient and the master weights stay float32."""
+    import torch
+    X, Y = random_batch(V, B, T)
+    state = torch.tensor(random_state(exact.arch.num_state_slices, B, exact.arch.num_hiddens, np.float32))
+    l1, g1, s1 = exact.loss_and_grads(X, Y, state)
+    l2, g2, s2 = low.loss_and_grads(X, Y, state)
+    assert l1 != l2 and l1 == pytest.approx(l2, rel=5e-3)
+    assert s2.dtype == torch.float32 and rel_err(as_np(s1), as_np(s2)) < 3e-2
+    for name in params:
+        assert rel_err(as_np(g1[name]), as_np(g2[name])) < 5e-2, name
+        assert g2[name].dtype == low.params[name].dtype == torch.float32
+
+
+def assert_weight_drop_is_an_argument(fast, params, V=5, B=2, T=3):
+    """Weight-drop masks passed to `fast.loss_and_grads` give the reference's loss of W * M and a gradient
+    carrying M, and never change the backend's weights (float64)."""
+    from rnnlab.backends.numpy_backend import NumpyBackend
+    before = {k: as_np(v).copy() for k, v in fast.params.items()}
+    weight_masks = network.weight_drop_masks(np.random.default_rng(3), 0.5, fast.arch, np.float64)
+    X, Y = random_batch(V, B, T)
+    loss, grads, _ = fast.loss_and_grads(X, Y, fast.begin_state(B), None, weight_masks)
+    for k, v in fast.params.items():
+        assert np.array_equal(as_np(v), before[k]), k
+    ref = NumpyBackend({k: v * weight_masks[k] if k in weight_masks else v for k, v in params.items()})
+    ref_loss, ref_grads, _ = ref.loss_and_grads(X, Y, ref.begin_state(B))
+    assert loss == pytest.approx(ref_loss, rel=1e-10)
+    for k in params:
+        expected = ref_grads[k] * weight_masks[k] if k in weight_masks else ref_grads[k]
+        assert rel_err(as_np(grads[k]), expected) < 1e-10, k

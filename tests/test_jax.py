@@ -16,7 +16,8 @@ import pytest
 jax = pytest.importorskip("jax")
 
 from conftest import DATA
-from helpers import ARCHS, random_batch, random_params, random_state, rel_err
+from helpers import (ARCHS, assert_dynamic_evaluation_agrees, random_batch, random_params, random_state, rel_err,
+                     reversed_load)
 
 from rnnlab import backends, cells, checkpoint, cli, evaluate, generate, network, optim, train
 from rnnlab.backends import check_device, make_backend, resolve_device
@@ -235,11 +236,7 @@ def test_scoring_decoding_and_dynamic_evaluation_agree(arch):
         outs = [generate.generate(b.decoder(), b.begin_state(3), [1, 2, 3], 20, temperature,
                                   np.random.default_rng(5)) for b in (ref, fast)]
         np.testing.assert_array_equal(*outs)
-    a = evaluate.score_stream_dynamic(ref, tokens, lr=0.5, num_steps=32, decay=0.1)
-    b = evaluate.score_stream_dynamic(fast, tokens, lr=0.5, num_steps=32, decay=0.1)
-    assert a["nats_per_token"] == pytest.approx(b["nats_per_token"], rel=1e-10)
-    for k, v in fast.numpy_params().items():
-        np.testing.assert_allclose(v, ref.params[k], rtol=1e-9, atol=1e-12)
+    assert_dynamic_evaluation_agrees(ref, fast, tokens)
 
 
 # ---- the training API and the command line: The Time Machine, 400 training tokens, H=8 ----
@@ -248,16 +245,6 @@ DATA_CFG = DataConfig(max_tokens=400)
 MODEL = ModelConfig(num_hiddens=8)
 BASE = TrainConfig(batch_size=4, num_steps=5, num_epochs=3, log_every=1, backend="jax", num_preds=3,
                    theta=0.05, lr=0.5)        # theta small enough that clipping fires at every step
-
-
-def reversed_load(real_load):
-    """checkpoint.load, with the parameters and optimizer buffers handed back in reverse order."""
-    def load(directory):
-        ckpt = real_load(directory)
-        ckpt.params = dict(reversed(list(ckpt.params.items())))
-        ckpt.optimizer_arrays = dict(reversed(list(ckpt.optimizer_arrays.items())))
-        return ckpt
-    return load
 
 
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.5), ("adam", 0.01)])

@@ -6,7 +6,8 @@ Runs on CUDA too when it is present.
 import numpy as np
 import pytest
 
-from helpers import ARCHS, random_batch, random_params, random_state, rel_err
+from helpers import (ARCHS, as_np, assert_bf16_close, assert_weight_drop_is_an_argument, random_batch, random_params,
+                     random_state, rel_err)
 from rnnlab import cells, evaluate, generate, network, optim
 from rnnlab.backends import make_backend
 from rnnlab.errors import RnnlabError
@@ -34,8 +35,6 @@ def compile_slow(cases, key):
             else c for c in cases]
 
 
-def as_np(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 @pytest.mark.parametrize("path, dtype, activation", compile_slow(
@@ -91,19 +90,7 @@ def test_weight_drop_is_an_argument_that_never_touches_the_weights(path, arch):
     V, H, B, T = 7, 5, 3, 4
     params = random_params(V, H, np.float64, **(ARCHS[arch] if arch else {}))
     fast = TORCH_PATHS[path](params)
-    before = {k: as_np(v).copy() for k, v in fast.params.items()}
-    weight_masks = network.weight_drop_masks(np.random.default_rng(3), 0.5, fast.arch, np.float64)
-    X, Y = random_batch(V, B, T)
-    loss, grads, _ = fast.loss_and_grads(X, Y, fast.begin_state(B), None, weight_masks)
-    for k, v in fast.params.items():
-        assert np.array_equal(as_np(v), before[k]), k
-    masked = {k: v * weight_masks[k] if k in weight_masks else v for k, v in params.items()}
-    ref = NumpyBackend(masked)
-    ref_loss, ref_grads, _ = ref.loss_and_grads(X, Y, ref.begin_state(B))
-    assert loss == pytest.approx(ref_loss, rel=1e-10)
-    for k in params:
-        expected = ref_grads[k] * weight_masks[k] if k in weight_masks else ref_grads[k]
-        assert rel_err(as_np(grads[k]), expected) < 1e-10, k
+    assert_weight_drop_is_an_argument(fast, params, V, B, T)
 
 
 @pytest.mark.parametrize("path, arch, dropout", [("fused", None, 0.0), ("autograd", "lstm-2layer-embed", 0.3),
@@ -199,16 +186,7 @@ def test_autocast_bf16_stays_close_to_float32(arch):
     V, H, B, T = 28, 64, 8, 12
     params = random_params(V, H, np.float32, scale=0.2, **ARCHS[arch])
     exact, low = TorchBackend(params), TorchBackend(params, matmul_dtype="bfloat16")
-    X, Y = random_batch(V, B, T)
-    state = random_state(exact.arch.num_state_slices, B, H, np.float32)
-    l1, g1, s1 = exact.loss_and_grads(X, Y, torch.tensor(state))
-    l2, g2, s2 = low.loss_and_grads(X, Y, torch.tensor(state))
-    assert l1 != l2 and l1 == pytest.approx(l2, rel=5e-3)
-    assert s2.dtype == torch.float32 and rel_err(as_np(s1), as_np(s2)) < 3e-2
-    for name in params:
-        assert rel_err(as_np(g1[name]), as_np(g2[name])) < 5e-2, name
-        assert low.params[name].dtype == torch.float32
-    # scoring stays float32
+    assert_bf16_close(exact, low, params, V, B, T)
     tokens = np.random.default_rng(5).integers(0, V, 200)
     assert evaluate.score_stream(low, tokens) == evaluate.score_stream(exact, tokens)
 

@@ -12,6 +12,7 @@ from rnnlab import checkpoint, optim, train
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 
 from conftest import DATA
+from helpers import reversed_load
 
 DATA_CFG = DataConfig(max_tokens=400)
 BASE = TrainConfig(batch_size=4, num_steps=5, num_epochs=3, log_every=1, backend="numpy", num_preds=3,
@@ -31,16 +32,6 @@ OPTIMIZERS = {"sgd": dict(optimizer="sgd"), "momentum": dict(optimizer="momentum
 def needs_corpus():
     if not (DATA / "timemachine.txt").is_file():
         pytest.skip(f"corpora not found at {DATA}")
-
-
-def reversed_load(real_load):
-    """checkpoint.load, with the parameters and optimizer buffers handed back in reverse order."""
-    def load(directory):
-        ckpt = real_load(directory)
-        ckpt.params = dict(reversed(list(ckpt.params.items())))
-        ckpt.optimizer_arrays = dict(reversed(list(ckpt.optimizer_arrays.items())))
-        return ckpt
-    return load
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

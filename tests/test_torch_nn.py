@@ -8,7 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from helpers import ARCHS, random_batch, random_params, random_state, rel_err
+from helpers import (ARCHS, as_np, assert_bf16_close, assert_dynamic_evaluation_agrees,
+                     assert_weight_drop_is_an_argument, random_batch, random_params, random_state, rel_err,
+                     reversed_load)
 from rnnlab import cells, checkpoint, evaluate, generate, network, optim, train
 from rnnlab.backends import make_backend
 from rnnlab.backends.numpy_backend import NumpyBackend
@@ -20,7 +22,6 @@ torch = pytest.importorskip("torch")
 from rnnlab.backends.torch_nn import RNNModel, TorchNNBackend, from_state_dict, to_state_dict  # noqa: E402
 
 from conftest import DATA  # noqa: E402
-from test_resume import reversed_load  # noqa: E402
 
 NN_ARCHS = {name: kw for name, kw in ARCHS.items() if kw.get("cell_variant") == "nn"}
 # every nn architecture with tanh, and the RNN with relu too
@@ -28,8 +29,6 @@ CASES = [(name, "tanh") for name in NN_ARCHS] + [("rnn-nn", "relu")]
 TOL = {np.float64: 1e-10, np.float32: 1e-5}
 
 
-def as_np(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 class ConciseModel(torch.nn.Module):
@@ -170,19 +169,7 @@ def test_weight_drop_is_an_argument_that_never_touches_the_weights(arch):
     V, H, B, T = 7, 5, 3, 4
     params = random_params(V, H, np.float64, **NN_ARCHS[arch])
     fast = TorchNNBackend(params)
-    before = fast.numpy_params()
-    weight_masks = network.weight_drop_masks(np.random.default_rng(3), 0.5, fast.arch, np.float64)
-    X, Y = random_batch(V, B, T)
-    loss, grads, _ = fast.loss_and_grads(X, Y, fast.begin_state(B), None, weight_masks)
-    after = fast.numpy_params()
-    assert all(np.array_equal(after[k], before[k]) for k in params)
-    masked = {k: v * weight_masks[k] if k in weight_masks else v for k, v in params.items()}
-    ref = NumpyBackend(masked)
-    ref_loss, ref_grads, _ = ref.loss_and_grads(X, Y, ref.begin_state(B))
-    assert loss == pytest.approx(ref_loss, rel=1e-10)
-    for k in params:
-        expected = ref_grads[k] * weight_masks[k] if k in weight_masks else ref_grads[k]
-        assert rel_err(as_np(grads[k]), expected) < 1e-10, k
+    assert_weight_drop_is_an_argument(fast, params, V, B, T)
 
 
 @pytest.mark.parametrize("arch", ["gru-nn", "lstm-nn-2layer", "rnn-nn"])
@@ -190,15 +177,7 @@ def test_autocast_bf16_stays_close_to_float32(arch):
     V, H, B, T = 28, 32, 8, 12
     params = random_params(V, H, np.float32, scale=0.2, **NN_ARCHS[arch])
     exact, low = TorchNNBackend(params), TorchNNBackend(params, matmul_dtype="bfloat16")
-    X, Y = random_batch(V, B, T)
-    state = random_state(exact.arch.num_state_slices, B, H, np.float32)
-    l1, g1, s1 = exact.loss_and_grads(X, Y, torch.tensor(state))
-    l2, g2, s2 = low.loss_and_grads(X, Y, torch.tensor(state))
-    assert l1 != l2 and l1 == pytest.approx(l2, rel=5e-3)
-    assert s2.dtype == torch.float32 and rel_err(as_np(s1), as_np(s2)) < 3e-2
-    for name in params:
-        assert rel_err(as_np(g1[name]), as_np(g2[name])) < 5e-2, name
-        assert g2[name].dtype == low.params[name].dtype == torch.float32
+    assert_bf16_close(exact, low, params, V, B, T)
     tokens = np.random.default_rng(5).integers(0, V, 200)
     assert evaluate.score_stream(low, tokens) == evaluate.score_stream(exact, tokens)    # scoring: float32
 
@@ -257,11 +236,7 @@ def test_scoring_decoding_and_dynamic_evaluation_agree(arch):
     sampled = [generate.generate(bk.decoder(), bk.begin_state(3), [4], 15, temperature=0.8,
                                  rng=np.random.default_rng(9)) for bk in (ref, fast)]
     np.testing.assert_array_equal(*sampled)
-    a = evaluate.score_stream_dynamic(ref, tokens, lr=0.5, num_steps=32, decay=0.1)
-    b = evaluate.score_stream_dynamic(fast, tokens, lr=0.5, num_steps=32, decay=0.1)
-    assert a["nats_per_token"] == pytest.approx(b["nats_per_token"], rel=1e-10)
-    for k, v in fast.numpy_params().items():
-        np.testing.assert_allclose(v, ref.params[k], rtol=1e-9, atol=1e-12)
+    assert_dynamic_evaluation_agrees(ref, fast, tokens)
 
 
 # ---- choosing the path ----
