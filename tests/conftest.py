@@ -12,6 +12,7 @@ def data_env(monkeypatch, tmp_path_factory):
     """Point rnnlab at the shared corpora and at a private cache: no test downloads or touches ~/.cache."""
     monkeypatch.setenv("RNNLAB_DATA", str(DATA))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))     # `rnnlab train` without --out writes ./runs/...
 
 
 @pytest.fixture(scope="session")

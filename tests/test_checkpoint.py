@@ -115,7 +115,7 @@ def test_orphan_left_by_a_crash_is_removed_by_the_next_save(tmp_path, monkeypatc
 def test_missing_checkpoint_messages_say_what_is_missing(tmp_path):
     with pytest.raises(RnnlabError, match=r"no checkpoint at .*nope: no such directory$"):
         checkpoint.load(tmp_path / "nope")
-    with pytest.raises(RnnlabError, match=r"no checkpoint in .* \(it has no checkpoint.json\)$"):
+    with pytest.raises(RnnlabError, match=r"no checkpoint in .*: it has no checkpoint.json$"):
         checkpoint.load(tmp_path)
 
 

@@ -129,7 +129,7 @@ def test_no_such_directory(tmp_path):
 
 
 def test_directory_without_checkpoint(tmp_path):
-    assert_refused(tmp_path, f"no checkpoint in {tmp_path} (it has no checkpoint.json)")
+    assert_refused(tmp_path, f"no checkpoint in {tmp_path}: it has no checkpoint.json")
 
 
 def test_a_file_is_not_a_directory(tmp_path):

@@ -90,7 +90,7 @@ def test_rollback_goes_back_halves_the_learning_rate_and_records_it(tmp_path):
     records = train.read_metrics(tmp_path)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert records[3]["rollbacks"] == [{"diverged_in_epoch": 4, "reason": records[3]["rollbacks"][0]["reason"],
-                                        "back_to_epoch": 3, "lr_scale": 0.5}]
+                                        "back_to_epoch": 3, "back_to_step": 3 * 19, "lr_scale": 0.5}]
     assert "far above its running level" in records[3]["rollbacks"][0]["reason"]
     assert records[3]["lr"] == 0.5 * 5.0 and records[2]["lr"] == 5.0
     assert any("back to epoch 3" in line for line in run.log_lines)

@@ -9,6 +9,7 @@ never a traceback. Each property is bounded (at most a few hundred examples) so 
 import contextlib
 import io
 import json
+import unicodedata
 import warnings
 from types import SimpleNamespace
 
@@ -47,6 +48,13 @@ def test_preprocess_keeps_only_what_the_mode_allows(raw, mode, token):
     elif mode == "legacy":
         assert out == out.strip() and "  " not in out and not any(c.isspace() and c != " " for c in out)
         assert out.split() == raw.lower().split()
+    elif mode == "unicode":
+        assert unicodedata.is_normalized("NFC", out) and "\r" not in out
+        assert all(c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf") for c in out)
+        breaks = "\r" + text.LINE_BREAKS
+        kept = "".join(c for c in raw if c in breaks or unicodedata.category(c) not in ("Cc", "Cf") or c in "\n\t")
+        kept = "".join("\n" if c in breaks else c for c in kept.replace("\r\n", "\n"))
+        assert out == unicodedata.normalize("NFC", kept)
     else:
         assert set(out) <= set("abcdefghijklmnopqrstuvwxyz ")
         assert out.replace(" ", "") == "".join(c.lower() for c in raw if c.isascii() and c.isalpha())

@@ -327,7 +327,7 @@ def test_cli_huge_orders_end_in_one_line(trained):
 
 # --- devices --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device, fragment", [("bogus", "unknown torch device"), ("meta", "cpu, cuda or cuda:N"),
+@pytest.mark.parametrize("device, fragment", [("bogus", "unknown device"), ("meta", "cpu, cuda or cuda:N"),
                                               ("cuda:99", "cuda:99")])
 @pytest.mark.parametrize("command", ["bench", "generate", "eval"])
 def test_bad_device_is_one_line(trained, command, device, fragment):

@@ -6,7 +6,9 @@ preprocessed bytes are written into one uint8 array and then turned into token i
 arrays are per chunk.
 
 Character classes: LETTER (A-Z, a-z), OTHER (every other byte: becomes ' ' in d2l/letters), NEWLINE (d2l only:
-a line break, where d2l strips the lines on either side and joins them with no separator).
+a line break, where d2l strips the lines on either side and joins them with no separator). In unicode mode an
+ASCII text keeps every byte but the control characters: vertical tab and form feed become '\n', the others
+(all but '\t' and '\n') are removed; NFC leaves ASCII unchanged.
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ _CLASS = np.full(256, OTHER, dtype=np.uint8)
 _CLASS[ord("A"): ord("Z") + 1] = LETTER
 _CLASS[ord("a"): ord("z") + 1] = LETTER
 _LETTERS_ONLY = np.where(_CLASS == LETTER, _LOWER, ord(" ")).astype(np.uint8)
+_UNICODE_MAP = np.arange(256, dtype=np.uint8)
+_UNICODE_MAP[[0x0B, 0x0C]] = ord("\n")                # vertical tab, form feed: line breaks
+_UNICODE_KEEP = np.ones(256, dtype=bool)
+_UNICODE_KEEP[[*range(0x20), 0x7F]] = False            # the control characters (Unicode Cc) ...
+_UNICODE_KEEP[[0x09, 0x0A, 0x0B, 0x0C]] = True         # ... but tab, newline and the line breaks
 
 
 def _chunks(text: str, mode: str):
@@ -74,6 +81,8 @@ def preprocess_bytes(text: str, mode: str) -> np.ndarray:
         b = np.frombuffer(piece.encode("ascii"), dtype=np.uint8)
         if mode == "raw":
             kept = b
+        elif mode == "unicode":
+            kept = _UNICODE_MAP[b[_UNICODE_KEEP[b]]]
         elif mode == "d2l":
             cls = _CLASS[b]
             cls[b == ord("\n")] = NEWLINE

@@ -20,6 +20,7 @@ buffers) the config describes, in its dtype and finite. A Checkpoint that `load`
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import stat
@@ -57,8 +58,10 @@ class Checkpoint:
     optimizer: dict = field(default_factory=lambda: {"name": "sgd", "t": 0})
     extra: dict = field(default_factory=dict)   # data identity, backend, last metrics, ...
     optimizer_arrays: dict[str, np.ndarray] = field(default_factory=dict)   # '<buffer>.<param>' -> array
+    state: np.ndarray | None = None   # (S, B, H) hidden state carried into the next minibatch, mid-epoch
 
 OPTIMIZER_PREFIX = "optimizer."
+STATE_TENSOR = "state"       # the carried hidden state of a mid-epoch checkpoint
 
 
 class _Stale(RnnlabError):
@@ -72,6 +75,8 @@ def save(directory, ckpt: Checkpoint) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {**ckpt.params, **{OPTIMIZER_PREFIX + k: v for k, v in ckpt.optimizer_arrays.items()}}
+    if ckpt.state is not None:
+        arrays[STATE_TENSOR] = ckpt.state
     blob = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
     digest = hashlib.sha256(blob).hexdigest()
     weights_name = f"weights-e{ckpt.epoch:06d}-{digest[:12]}.safetensors"
@@ -149,13 +154,16 @@ def _read_regular(path: Path, limit: int | None = None, follow: bool = True) -> 
 
 
 def _meta_path(directory: Path) -> Path:
-    """checkpoint.json of `directory` (or `directory` itself when it names that file)."""
+    """checkpoint.json of `directory` (or `directory` itself when it names that file). A missing checkpoint is
+    one line that names the path given and what is missing there."""
     if directory.is_dir():
         if not os.path.lexists(directory / META_FILE):
-            raise RnnlabError(f"no checkpoint in {directory} (it has no {META_FILE})")
+            raise RnnlabError(f"no checkpoint in {directory}: it has no {META_FILE}")
         return directory / META_FILE
-    if directory.name == META_FILE and directory.exists():
-        return directory
+    if directory.name == META_FILE:
+        if directory.exists():
+            return directory
+        raise RnnlabError(f"no checkpoint at {directory}: no such file")
     if not directory.exists():
         raise RnnlabError(f"no checkpoint at {directory}: no such directory")
     raise RnnlabError(f"no checkpoint at {directory}: not a directory")
@@ -167,7 +175,7 @@ def _read_meta(meta_path: Path) -> bytes:
     try:
         return _read_regular(meta_path, follow=False)
     except FileNotFoundError:
-        raise RnnlabError(f"no checkpoint in {meta_path.parent} (it has no {META_FILE})") from None
+        raise RnnlabError(f"no checkpoint in {meta_path.parent}: it has no {META_FILE}") from None
     except OSError as e:
         raise _corrupt(meta_path, f"cannot read it ({e.strerror})") from None
 
@@ -208,9 +216,20 @@ def _parse(meta_path: Path, raw: bytes) -> Checkpoint:
     optimizer = schema.check_optimizer_meta(meta.get("optimizer", {"name": "sgd", "t": 0}), train_cfg.optimizer,
                                             where)
     extra = schema.check_extra({k: v for k, v in meta.items() if k not in _KNOWN}, where)
-    params, optimizer_arrays = _read_weights(meta_path, meta, len(vocab), model_cfg, train_cfg.dtype, optimizer)
+    state_shape = _state_shape(extra, model_cfg, train_cfg)
+    params, optimizer_arrays, state = _read_weights(meta_path, meta, len(vocab), model_cfg, train_cfg.dtype,
+                                                    optimizer, state_shape)
     config = {"data": to_dict(data_cfg), "model": to_dict(model_cfg), "train": to_dict(train_cfg)}
-    return Checkpoint(params, config, meta["vocab"], epoch, rng_state, optimizer, extra, optimizer_arrays)
+    return Checkpoint(params, config, meta["vocab"], epoch, rng_state, optimizer, extra, optimizer_arrays, state)
+
+
+def _state_shape(extra: dict, model_cfg, train_cfg) -> tuple[int, ...] | None:
+    """(S, B, H) of the carried state a mid-epoch checkpoint holds, or None when it holds none."""
+    position = extra.get("position")
+    if position is None or not position["carried_state"]:
+        return None
+    slices = model_cfg.num_layers * (2 if model_cfg.cell == "lstm" else 1)
+    return (slices, train_cfg.batch_size, model_cfg.num_hiddens)
 
 
 def _check_weights_name(name, digest, where: str) -> None:
@@ -240,11 +259,15 @@ def _buffers(optimizer: dict) -> tuple[str, ...]:
     return optim.make_optimizer(optimizer["name"]).buffers if optimizer["t"] > 0 else ()
 
 
-def _read_weights(meta_path: Path, meta: dict, vocab_size: int, model_cfg, dtype: str, optimizer: dict):
-    """(params in canonical order, optimizer arrays), read from the verified weights file: exactly the
-    parameters of the config and each optimizer buffer of each parameter."""
+def _read_weights(meta_path: Path, meta: dict, vocab_size: int, model_cfg, dtype: str, optimizer: dict,
+                  state_shape: tuple[int, ...] | None = None):
+    """(params in canonical order, optimizer arrays, carried state or None), read from the verified weights
+    file: exactly the parameters of the config, each optimizer buffer of each parameter, and the carried
+    state when the checkpoint was taken mid-epoch with one."""
     path = meta_path.parent / meta["weights"]
     tensors, most = _size_bounds(vocab_size, model_cfg, np.dtype(dtype).itemsize, len(_buffers(optimizer)))
+    if state_shape is not None:
+        tensors, most = tensors + 1, most + np.dtype(dtype).itemsize * math.prod(state_shape) + _MAX_HEADER_ENTRY
     blob = _read_weights_file(path, meta_path, most)
     if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
         raise _Stale(f"corrupt checkpoint {path}: SHA-256 does not match {META_FILE}")
@@ -257,10 +280,12 @@ def _read_weights(meta_path: Path, meta: dict, vocab_size: int, model_cfg, dtype
     shapes = _param_shapes(vocab_size, model_cfg)
     expected = {**shapes, **{f"{OPTIMIZER_PREFIX}{b}.{name}": shape
                              for b in _buffers(optimizer) for name, shape in shapes.items()}}
+    if state_shape is not None:
+        expected[STATE_TENSOR] = state_shape
     _check_tensors(arrays, expected, dtype, path)
     params = {k: arrays[k] for k in cells.canonical_order(shapes)}
     optimizer_arrays = {k[len(OPTIMIZER_PREFIX):]: arrays[k] for k in expected if k.startswith(OPTIMIZER_PREFIX)}
-    return params, optimizer_arrays
+    return params, optimizer_arrays, arrays.get(STATE_TENSOR) if state_shape is not None else None
 
 
 def _size_bounds(V: int, model_cfg, itemsize: int, num_buffers: int) -> tuple[int, int]:

@@ -10,11 +10,12 @@ import dataclasses
 import math
 import re
 import sys
+import time
 import typing
 from pathlib import Path
 
 from . import __version__, presets
-from .backends import check_device, device_of, resolve_device
+from .backends import check_device, device_of, resolve_device, set_threads
 from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 from .errors import RnnlabError
 from .fileio import dumps_json
@@ -113,6 +114,9 @@ def _add_backend_args(parser) -> None:
                         help="auto: torch when installed, else numpy; jax needs the jax extra (default: auto)")
     parser.add_argument("--device", default="auto", help="device: auto (cuda when present, else cpu), cpu, "
                         "cuda, cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int64, default=0, metavar="N",
+                        help="torch CPU threads (default: 0, the CPUs this process may use less the load of other "
+                             "processes, at most 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,9 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (defaults: the book's run on The Time Machine)")
     train.add_argument("--out", metavar="DIR", help="run directory: metrics.jsonl, checkpoint, plot "
-                       "(default: none, nothing is saved)")
+                       f"(default: a new {DEFAULT_RUNS}/<corpus>-<date>-<time>, named when training starts)")
+    train.add_argument("--no-save", action="store_true", help="save nothing: no run directory (default: off)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out up to --num-epochs (default: off)")
+                       help="continue the run in --out up to --num-epochs, from its last checkpoint, mid-epoch "
+                            "or not (default: off)")
+    train.add_argument("--init-from", metavar="DIR", help="start a new run from the weights and vocabulary of "
+                       "this run's checkpoint (fine-tuning): the model stays, the corpus and every training "
+                       "setting may change (default: none, fresh weights)")
+    train.add_argument("--on-unknown", choices=("refuse", "unk"), default="refuse",
+                       help="with --init-from, tokens of the corpus the vocabulary lacks: refuse (say which), "
+                            "or map them to <unk> (default: refuse)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: off)")
     train.add_argument("--json", action="store_true", help="print the final metrics as JSON (default: off)")
     train.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
@@ -207,44 +219,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEFAULT_RUNS = "runs"
+
+
+def default_out(corpus: str) -> Path:
+    """A new run directory under runs/, named by the corpus and the time: runs/<corpus>-<YYYYmmdd-HHMMSS>."""
+    stem = re.sub(r"[^\w.-]+", "_", Path(corpus).stem)[:40] or "run"
+    base = Path(DEFAULT_RUNS) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _train_settings(ns) -> tuple[dict, dict, dict, str | None]:
+    """The data, model and train settings of a new run: the preset (or the defaults for the corpus given)
+    overridden by the flags given; and a note saying which defaults apply, if it needs saying."""
+    data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
+    if ns.resume or ns.init_from:
+        if ns.preset:
+            raise RnnlabError(f"--preset applies to a new run; {'--resume' if ns.resume else '--init-from'} "
+                              "takes the settings of its checkpoint (give flags to change what may change)")
+        return data, model, train_cfg, None
+    return presets.resolve(ns.preset, data, model, train_cfg)
+
+
 def cmd_train(ns) -> int:
     from . import train as training
     if ns.out is not None and not ns.out.strip():
-        raise RnnlabError("--out is empty; give the run directory (or leave --out out: nothing is saved)")
-    data, model, train_cfg = given(ns, DataConfig), given(ns, ModelConfig), given(ns, TrainConfig)
-    if ns.preset:
-        data, model, train_cfg = presets.apply(ns.preset, data, model, train_cfg)
+        raise RnnlabError("--out is empty; give the run directory (or --no-save to save nothing)")
+    if ns.no_save and (ns.out or ns.resume):
+        raise RnnlabError("--no-save saves nothing: it goes with neither --out nor --resume")
+    if ns.resume and ns.init_from:
+        raise RnnlabError("--resume continues a run and --init-from starts a new one: give one of them")
+    data, model, train_cfg, preset_note = _train_settings(ns)
     check_device(train_cfg.get("device", "auto"), train_cfg.get("backend", "auto"))
     if ns.resume:
         if not ns.out or ns.overwrite:
             raise RnnlabError("--resume needs --out DIR, the run to continue (and no --overwrite)")
         run = training.resume_run(ns.out, data, model, train_cfg)
+    elif ns.init_from:
+        run = training.start_from(ns.init_from, data, model, train_cfg, ns.on_unknown)
     else:
         run = training.new_run(DataConfig(**data), ModelConfig(**model), TrainConfig(**train_cfg))
-    writer = training.open_writer(run, ns.out, ns.overwrite) if ns.out else None   # fails before training
-    for note in run.notes:
+    out = None if ns.no_save else Path(ns.out) if ns.out else default_out(run.data_cfg.corpus)
+    writer = training.open_writer(run, out, ns.overwrite) if out else None   # fails before training
+    for note in [*([preset_note] if preset_note else []), *run.notes]:
         print(f"rnnlab train: note: {note}", file=sys.stderr)
     if ns.resume and run.epoch >= run.train_cfg.num_epochs:
         print(f"{ns.out} is already at epoch {run.epoch}; nothing to train (raise --num-epochs)", file=sys.stderr)
     elif ns.resume:
-        print(f"resuming {ns.out} at epoch {run.epoch} of {run.train_cfg.num_epochs}", file=sys.stderr)
+        print(f"resuming {ns.out} at {run.where()} of {run.train_cfg.num_epochs} epochs", file=sys.stderr)
     d, c = run.dataset, run.train_cfg
+    threads = getattr(run.backend, "threads", None)
     print(f"corpus {d.path.name}: {len(d.train):,} training / {len(d.val):,} held-out tokens, "
-          f"vocab {len(d.vocab)}; backend {run.backend.name}, {c.dtype}, device {device_of(run.backend)}",
-          file=sys.stderr)
+          f"vocab {len(d.vocab)}; backend {run.backend.name}, {c.dtype}, device {device_of(run.backend)}"
+          + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""), file=sys.stderr)
+    print(f"saving to {out}" + ("" if ns.out else " (--out DIR to choose, --no-save for none)") if out else
+          "saving nothing (--no-save)", file=sys.stderr)
     try:
         # with --json, stdout carries only the result: log lines go to stderr
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if ns.json else None
         records = training.fit(run, writer, log=log, progress=not ns.quiet)
-    except KeyboardInterrupt:
-        print(f"rnnlab: interrupted after {run.epoch} completed epochs; {_saved(run, ns.out)}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"rnnlab: interrupted at {run.where()}; {_saved(run, out, e)}", file=sys.stderr)
         return 130
     finally:
         if writer is not None:
             writer.close()
     final = records[-1] if records else {}
     if ns.json:
-        print(dumps_json({"out": ns.out, **final}))
+        print(dumps_json({"out": str(out) if out else None, **final}))
     elif final:
         num = training.num
         print(f"perplexity {num(final['train_ppl'], '.3f')} (train), {num(final['val_ppl'], '.2f')} (held-out, "
@@ -252,19 +298,24 @@ def cmd_train(ns) -> int:
               f"training tokens/s on {run.backend.name}")
         for sample in final["samples"].values():
             print(sample)
+        if out:
+            print(f"saved in {out}: rnnlab generate --checkpoint {out}", file=sys.stderr)
     return 0
 
 
-def _saved(run, out) -> str:
+def _saved(run, out, interrupt: KeyboardInterrupt) -> str:
     """What an interrupted run leaves on disk, truthfully."""
+    from .train import Interrupted, saved_where
     if not out:
-        return "nothing is saved without --out"
+        return "nothing is saved with --no-save"
+    if isinstance(interrupt, Interrupted) and interrupt.saved:
+        return f"saved that step in {out} (continue with --resume)"
     if run.writer is not None and run.writer.old_run:
         return f"nothing of this run was saved; {out} still holds the run it was to replace"
-    if run.saved_epoch is None or run.out is None:
-        every = run.train_cfg.log_every
-        return f"nothing was saved in {out} (the first checkpoint is written at epoch {every})"
-    return f"the checkpoint in {out} is at epoch {run.saved_epoch} (continue with --resume)"
+    where = saved_where(run.writer)
+    if where is None:
+        return f"nothing was saved in {out}"
+    return f"the checkpoint in {out} is at {where} (continue with --resume)"
 
 
 def cmd_generate(ns) -> int:
@@ -279,6 +330,7 @@ def cmd_generate(ns) -> int:
     check_device(ns.device, ns.backend)
     # decoding one token at a time is latency-bound: on the CPU, numpy's small calls beat torch's
     backend = "numpy" if ns.backend == "auto" and resolve_device(ns.device) == "cpu" else ns.backend
+    set_threads(ns.threads, backend, ns.device)
     m = load_model(ns.checkpoint, backend, ns.device)
     tokens = text.tokenize(text.normalize_prefix(g.prefix, m.data_cfg.preprocess), m.data_cfg.token)
     if len(tokens) == 0:
@@ -297,24 +349,17 @@ def cmd_generate(ns) -> int:
 def cmd_eval(ns) -> int:
     from . import evaluate
     from .checkpoint import load_model
-    from .train import load_dataset
+    from .runstate import load_dataset
     if ns.dynamic_lr and ns.mix_ngram:
         raise RnnlabError("--dynamic-lr and --mix-ngram are separate evaluations; give one of them")
     if ns.mix_ngram < 0 or not 0.0 <= ns.mix_weight <= 1.0:
         raise RnnlabError(f"--mix-ngram takes an n-gram order >= 1 and --mix-weight a weight in [0, 1], got "
                           f"{ns.mix_ngram} and {ns.mix_weight}")
     check_device(ns.device, ns.backend)
+    set_threads(ns.threads, ns.backend, ns.device)
     m = load_model(ns.checkpoint, ns.backend, ns.device)
-    # "train" is what the model trained on (--max-tokens applies); "all" is the whole text
-    max_tokens = m.data_cfg.max_tokens if ns.split == "train" else -1
-    data_cfg = dataclasses.replace(m.data_cfg, max_tokens=max_tokens, corpus=ns.corpus or m.data_cfg.corpus,
-                                   data_dir=ns.data_dir or m.data_cfg.data_dir)
-    ds = load_dataset(data_cfg, m.vocab)
-    if ns.split == "all":
-        import numpy as np
-        tokens = np.concatenate([ds.train, ds.val])
-    else:
-        tokens = ds.val if ns.split == "val" else ds.train
+    own = None if ns.corpus and not ns.mix_ngram else _own_data(ns, m)
+    tokens, path = _eval_tokens(ns, m, own)
     extra = {"dynamic": None, "mixture": None}
     if ns.dynamic_lr:
         result = evaluate.score_stream_dynamic(m.backend, tokens, ns.dynamic_lr, ns.dynamic_steps,
@@ -322,7 +367,7 @@ def cmd_eval(ns) -> int:
         extra["dynamic"] = {"lr": ns.dynamic_lr, "num_steps": ns.dynamic_steps, "decay": ns.dynamic_decay}
     elif ns.mix_ngram:
         from . import ngram
-        own_train = load_dataset(m.data_cfg, m.vocab).train          # what the model itself trained on
+        own_train = load_dataset(own, m.vocab).train          # what the model itself trained on
         kn = ngram.KneserNey(ns.mix_ngram, len(m.vocab)).fit(own_train)
         result = evaluate.score_mixture(m.backend, tokens, kn, ns.mix_weight)
         extra["mixture"] = {"ngram_order": ns.mix_ngram, "model_weight": ns.mix_weight,
@@ -332,19 +377,45 @@ def cmd_eval(ns) -> int:
         result = evaluate.score_stream(m.backend, tokens)
     unknown = int((tokens == m.vocab.unk).sum())
     bpc = result["bits_per_token"] if m.data_cfg.token == "char" else None
-    print(dumps_json({"corpus": str(ds.path), "split": ns.split, **result, "bits_per_char": bpc,
+    print(dumps_json({"corpus": str(path), "split": ns.split, **result, "bits_per_char": bpc,
                       "unknown_tokens": unknown, "checkpoint_epoch": m.checkpoint.epoch, **extra}))
     return 0
 
 
+def _own_data(ns, m) -> DataConfig:
+    """The data settings of the model in --checkpoint, with its corpus found wherever it is now (by its SHA-256)
+    and --data-dir applied."""
+    from .runstate import run_corpus
+    data_dir = ns.data_dir or m.data_cfg.data_dir
+    return dataclasses.replace(m.data_cfg, data_dir=data_dir, corpus=run_corpus(m.checkpoint, ns.checkpoint, data_dir))
+
+
+def _eval_tokens(ns, m, own: DataConfig | None):
+    """(tokens, file) that `eval` scores: the --split of the model's own corpus `own`, or of --corpus. "train" is
+    what the model trained on (--max-tokens applies); "all" is the whole text, encoded without splitting it, so
+    a text too short to hold anything out is scored too."""
+    from .runstate import encode, load_dataset
+    data_cfg = own
+    if ns.corpus:
+        data_cfg = dataclasses.replace(m.data_cfg, corpus=ns.corpus, data_dir=ns.data_dir or m.data_cfg.data_dir)
+    if ns.split == "all":
+        tokens, _, path, _ = encode(data_cfg, m.vocab)
+        return tokens, path
+    max_tokens = data_cfg.max_tokens if ns.split == "train" else -1
+    ds = load_dataset(dataclasses.replace(data_cfg, max_tokens=max_tokens), m.vocab)
+    return (ds.val if ns.split == "val" else ds.train), ds.path
+
+
 def cmd_baseline(ns) -> int:
     from . import ngram
-    from .train import load_dataset
+    from .runstate import load_dataset, run_corpus
     if ns.checkpoint:
         from . import checkpoint
         ckpt = checkpoint.load(ns.checkpoint)
         data_cfg, _, _, vocab = checkpoint.read_configs(ckpt, ns.checkpoint)
         data_cfg = dataclasses.replace(data_cfg, **given(ns, DataConfig))
+        if "corpus" not in given(ns, DataConfig):
+            data_cfg = dataclasses.replace(data_cfg, corpus=run_corpus(ckpt, ns.checkpoint, data_cfg.data_dir))
     else:
         data_cfg, vocab = DataConfig(**given(ns, DataConfig)), None
     validate_sizes(data_cfg, ModelConfig(), TrainConfig())
@@ -366,6 +437,7 @@ def cmd_sweep(ns) -> int:
     data = DataConfig(**given(ns, DataConfig))
     model, train_cfg = ModelConfig(**given(ns, ModelConfig)), TrainConfig(**given(ns, TrainConfig))
     validate_sizes(data, model, train_cfg)
+    check_device(train_cfg.device, train_cfg.backend)
     sweep(data, model, train_cfg, ns.out, ns.budget, tuple(ns.variants), overwrite=ns.overwrite)
     print(Path(ns.out) / "sweep.md")
     return 0

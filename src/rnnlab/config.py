@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,10 @@ class DataConfig:
     preprocess: str = option("d2l", "d2l: the book's per-line [^A-Za-z]+ -> space, strip, lower; "
                                     "letters: the same over the whole text; raw: every character kept; legacy: "
                                     "the early notebook's lower-cased text with whitespace collapsed and its "
-                                    "vocabulary over the training text",
-                             choices=("d2l", "letters", "raw", "legacy"))
+                                    "vocabulary over the training text; unicode: every letter, accent, digit, "
+                                    "punctuation mark and case kept, NFC-normalised, control and format "
+                                    "characters removed",
+                             choices=("d2l", "letters", "raw", "legacy", "unicode"))
     token: str = option("char", "token type", choices=("char", "word"))
     max_tokens: int = option(10000, "train on at most the first N tokens of the training split (<= 0: all)")
     val_fraction: float = option(0.1, "last fraction of the encoded corpus held out, never trained on")
@@ -114,12 +117,20 @@ class TrainConfig:
                                      "first step); nn = torch.nn.RNN/GRU/LSTM, cuDNN on a GPU (--cell-variant "
                                      "nn models only)", choices=("auto", "fused", "autograd", "compile", "nn"))
     log_every: int = option(10, "evaluate, log, sample and checkpoint every N epochs")
+    eval_every: str = option("", "evaluate, log, sample and checkpoint every N epochs ('2', '2epochs') or every "
+                                 "N minibatch steps ('500steps'), mid-epoch too (default: every --log-every "
+                                 "epochs)", metavar="N[epochs|steps]")
+    save_every: str = option("", "also checkpoint every N epochs or N steps between evaluations ('200steps'); "
+                                 "a mid-epoch checkpoint resumes exactly (default: at each evaluation only)",
+                             metavar="N[epochs|steps]")
     time_budget: float = option(0.0, "stop after the epoch that takes this run's wall time (evaluation "
                                      "included) past N minutes (0: no limit); that epoch is evaluated and saved",
                                 metavar="MINUTES")
     prefixes: tuple[str, ...] = option(("time traveller", "traveller"), "prefixes sampled greedily at each log")
     num_preds: int = option(50, "characters generated per logged sample")
     sample_every: int = option(0, "draw the logged samples every N epochs, at an evaluation (0: at every one)")
+    threads: int = option(0, "torch CPU threads (0: the CPUs this process may use less the load of other "
+                             "processes, at most 8)")
 
 
 @dataclass(frozen=True)
@@ -140,11 +151,12 @@ class GenerateConfig:
         _non_negative("--seed", self.seed)
 
 
-# Fields that define what a run computes; on --resume they must match the checkpoint.
+# Fields that define what a run computes; on --resume they must match the checkpoint. The corpus is not
+# among them: the same file may be spelled another way or have moved, so its SHA-256 decides instead.
 RUN_DEFINING = {
-    "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "data_dir"),
+    "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name not in ("data_dir", "corpus")),
     "model": tuple(f.name for f in dataclasses.fields(ModelConfig)),
-    "train": ("batch_size", "num_steps", "lr", "theta", "clip_mode", "optimizer", "momentum", "weight_decay",
+    "train": ("batch_size", "num_steps", "theta", "clip_mode", "optimizer", "momentum", "weight_decay",
               "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "state", "seed", "dtype"),
 }
 
@@ -183,11 +195,33 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
     if train.matmul_dtype == "bfloat16" and train.dtype != "float32":
         raise RnnlabError(f"--matmul-dtype bfloat16 keeps float32 master weights; it needs --dtype float32, "
                           f"not {train.dtype}")
+    every(train.eval_every, "--eval-every")
+    every(train.save_every, "--save-every")
     _non_negative("--num-preds", train.num_preds)
     _non_negative("--sample-every", train.sample_every)
+    _non_negative("--threads", train.threads)
     _non_negative("--seed", train.seed)
     if not 0.0 < data.val_fraction < 1.0:
         raise RnnlabError(f"--val-fraction must be in (0, 1), got {data.val_fraction}")
+
+
+_EVERY = re.compile(r"\s*([0-9]+)\s*(|e|ep|epoch|epochs|s|st|step|steps)\s*")
+
+
+def every(spec: str, flag: str = "--eval-every") -> tuple[int, str] | None:
+    """A cadence: '' -> None (the default); '10', '10epochs' -> (10, 'epoch'); '500steps' -> (500, 'step')."""
+    if spec == "":
+        return None
+    match = _EVERY.fullmatch(spec)
+    if match is None or int(match[1]) <= 0:
+        raise RnnlabError(f"{flag} takes a positive count of epochs ('2', '2epochs') or of minibatch steps "
+                          f"('500steps'), got {spec!r}")
+    return int(match[1]), "step" if match[2].startswith("s") else "epoch"
+
+
+def eval_cadence(train: TrainConfig) -> tuple[int, str]:
+    """How often a run evaluates: --eval-every, or every --log-every epochs."""
+    return every(train.eval_every) or (train.log_every, "epoch")
 
 
 def _non_negative(flag: str, value) -> None:

@@ -72,6 +72,33 @@ def find(name: str, data_dir=None) -> Path | None:
     return next((path for path, digest in copies(name, data_dir) if digest == CORPORA[name].sha256), None)
 
 
+def canonical(name_or_path: str) -> str:
+    """A corpus as a run records it: a named corpus stays its name; a file becomes its absolute, resolved path,
+    so the run finds it again from any directory. Anything else is left as given, for `locate` to refuse."""
+    if name_or_path in CORPORA:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_file() else name_or_path
+
+
+def find_by_hash(sha256: str, filename: str, dirs) -> Path | None:
+    """The first file named `filename` in `dirs` whose bytes hash to `sha256`, as an absolute path, or None.
+    A run records its corpus file's SHA-256, so a file that moved is recognised wherever it is found; a file
+    of the same name with other contents is never taken for it."""
+    seen = set()
+    for d in dirs:
+        path = (Path(d).expanduser() / filename).resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            if path.is_file() and sha256_file(path) == sha256:
+                return path
+        except OSError:          # unreadable: not the file looked for
+            continue
+    return None
+
+
 def download(name: str, dest_dir: Path | None = None, url: str | None = None) -> Path:
     """Fetch a named corpus into `dest_dir` (the cache by default), checking its SHA-256 before keeping it."""
     corpus = CORPORA[name]
@@ -133,7 +160,8 @@ def read_text(path: Path) -> str:
 
 
 def _read(path: Path) -> tuple[str, str]:
-    """(text, sha256 of the bytes read)."""
+    """(text, sha256 of the bytes read). A byte-order mark at the start (editors on Windows write one) is
+    dropped: it is not part of the text, and would otherwise become a token."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -143,9 +171,13 @@ def _read(path: Path) -> tuple[str, str]:
     if b"\x00" in data[: 1 << 20]:
         raise RnnlabError(f"{path} looks binary (contains NUL bytes); rnnlab trains on UTF-8 text")
     try:
-        return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RnnlabError(f"{path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    text = text.removeprefix("\ufeff")
+    if not text:
+        raise RnnlabError(f"{path} is empty (it holds only a byte-order mark)")
+    return text, hashlib.sha256(data).hexdigest()
 
 
 def load(name_or_path: str, data_dir=None) -> tuple[str, Path, str]:

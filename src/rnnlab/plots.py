@@ -9,12 +9,12 @@ from .fileio import atomic_write_bytes
 
 
 def plot_perplexity(records: list[dict], path, title: str = "") -> None:
-    """Write a log-scale plot of `train_ppl` and `val_ppl` against `epoch` to `path` (atomically)."""
+    """Write a log-scale plot of `train_ppl` and `val_ppl` against epochs to `path` (atomically)."""
     from matplotlib.figure import Figure   # a bare Figure draws with Agg and leaves pyplot's backend alone
 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
-    epochs = [r["epoch"] for r in records]
+    epochs = [r.get("progress", r["epoch"]) for r in records]       # fractional epochs for mid-epoch records
     ax.plot(epochs, plottable([r["train_ppl"] for r in records]), marker=".", label="train")
     ax.plot(epochs, plottable([r["val_ppl"] for r in records]), marker=".", label="held-out")
     ax.set_yscale("log")

@@ -4,8 +4,11 @@ Each preset is a partial config per section (data, model, train). `book` is the 
 `legacy` is the early notebook's run (its text, vocabulary, T = 64, iterators and logging cadence; add
 `--sampling legacy-consecutive` for its second run); `concise` is that notebook's concise model:
 torch.nn's RNN layer (`--torch-impl nn`, the nn cell variant) with its settings, on the same text.
-The others are the best settings measured for a corpus within a fixed training-time budget on a 2-core
-CPU; the README lists their measured held-out results and the commands that reproduce them.
+`text` is the defaults for a user's own text (`resolve` applies it when a corpus other than the book's is
+given without a preset): every character kept, all of the text, a model that trains in minutes on a CPU, and
+prompts taken from the text. The others are the best settings measured for a corpus within a fixed
+training-time budget on a 2-core CPU; the README lists their measured held-out results and the commands that
+reproduce them.
 """
 from __future__ import annotations
 
@@ -43,7 +46,15 @@ PRESETS: dict[str, dict[str, dict]] = {
                   "num_steps": 64, "log_every": 4, "time_budget": 13.0, "torch_impl": "compile",
                   "prefixes": ("ROMEO:",)},
     },
+    "text": {        # a user's own text: keep every character, train on all of it, prompts from the text
+        "data": {"preprocess": "unicode", "max_tokens": 0},
+        "model": {"cell": "lstm", "num_layers": 1, "embed_size": 64, "num_hiddens": 512, "dropout": 0.1,
+                  "init": "uniform"},
+        "train": {"optimizer": "adam", "lr": 0.002, "schedule": "cosine", "num_epochs": 10, "batch_size": 32,
+                  "num_steps": 64, "log_every": 1, "prefixes": ()},
+    },
 }
+BOOK_CORPUS = "timemachine"     # the corpus of the book's run, and of every preset that names none
 
 
 def apply(name: str, data: dict, model: dict, train: dict) -> tuple[dict, dict, dict]:
@@ -53,3 +64,34 @@ def apply(name: str, data: dict, model: dict, train: dict) -> tuple[dict, dict, 
     except KeyError:
         raise RnnlabError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
     return {**preset["data"], **data}, {**preset["model"], **model}, {**preset["train"], **train}
+
+
+def _text_note() -> str:
+    """What `--preset text` sets, in one line, read from the preset itself."""
+    data, model, train = (PRESETS["text"][part] for part in ("data", "model", "train"))
+    return (f"using the defaults for your own text (--preset text): {data['preprocess']} preprocessing, all of "
+            f"the text, a {model['num_layers']}-layer {model['cell'].upper()} with {model['num_hiddens']} hidden "
+            f"units, {train['optimizer']} at lr {train['lr']:g} with a {train['schedule']} schedule over "
+            f"{train['num_epochs']} epochs, prompts from the text; --preset book for the book's")
+
+
+def resolve(preset: str | None, data: dict, model: dict, train: dict) -> tuple[dict, dict, dict, str | None]:
+    """The settings a run uses, and a one-line note for the user (or None).
+
+    With a preset, its settings overridden by the ones given (`apply`). With none, a corpus other than the
+    book's (a file, or another named corpus) gets the `text` preset, so a user's novel is not trained as the
+    book's 10,000 lower-cased letters; no corpus, or the book's, is the book's run, unchanged. Either way, a
+    preset's prompts are for its own corpus: on another, and unless prefixes were given, they become () (the
+    run takes its prompts from the text).
+    """
+    note = None
+    if preset is None and data.get("corpus", BOOK_CORPUS) != BOOK_CORPUS:
+        preset, note = "text", _text_note()
+    if preset is None:
+        return dict(data), dict(model), dict(train), None
+    prefixes_given = "prefixes" in train
+    data, model, train = apply(preset, data, model, train)
+    made_for = PRESETS[preset]["data"].get("corpus", BOOK_CORPUS)
+    if data.get("corpus", BOOK_CORPUS) != made_for and not prefixes_given:
+        train["prefixes"] = ()
+    return data, model, train, note

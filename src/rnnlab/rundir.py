@@ -124,21 +124,30 @@ def _full_record(r, where: str) -> dict:
     return r
 
 
-def records_for(out, ckpt: checkpoint.Checkpoint) -> tuple[list[dict], str | None]:
-    """The metrics records that belong to checkpoint `ckpt` of `out`, and a note when some had to be
-    dropped. Records after the checkpoint's epoch (written just before a crash) are dropped silently. If
-    the last remaining record is not the checkpoint's own (the metrics of the run this one replaced, left
-    by a crash between the new checkpoint and its metrics), only the checkpoint's record is kept. A damaged
-    file is an error: the user decides what to do with it, nothing overwrites it."""
+def after(record: dict, epoch: int, step: int) -> bool:
+    """Whether a metrics record was written after the checkpoint at (`epoch`, `step`): by its step, or for
+    a record written before steps were counted, by its epoch."""
+    return record["step"] > step if "step" in record else record["epoch"] > epoch
+
+
+def records_for(out, ckpt: checkpoint.Checkpoint, step: int | None = None) -> tuple[list[dict], str | None]:
+    """The metrics records that belong to checkpoint `ckpt` of `out` (at global step `step`, by default the
+    one it records), and a note when some had to be dropped. Records after the checkpoint (written just
+    before a crash) are dropped silently. If the last remaining record is not the checkpoint's own (the
+    metrics of the run this one replaced, left by a crash between the new checkpoint and its metrics), only
+    the checkpoint's record is kept. A damaged file is an error: the user decides what to do with it,
+    nothing overwrites it."""
+    step = ckpt.extra.get("step", 0) if step is None else step
     own = ckpt.extra.get("metrics")
     if own is not None:
         try:
             own = _full_record(own, "its own metrics record")
-            if own["epoch"] != ckpt.epoch:
-                raise RnnlabError(f"its own metrics record is for epoch {own['epoch']}, not {ckpt.epoch}")
+            if after(own, ckpt.epoch, step):
+                raise RnnlabError(f"its own metrics record is for epoch {own['epoch']}, after the checkpoint's "
+                                  f"epoch {ckpt.epoch}")
         except RnnlabError as e:
             raise RnnlabError(f"corrupt checkpoint {Path(out) / checkpoint.META_FILE}: {e}") from None
-    records = [r for r in read_metrics(out) if r["epoch"] <= ckpt.epoch]
+    records = [r for r in read_metrics(out) if not after(r, ckpt.epoch, step)]
     if own is None or (records and records[-1] == own):
         return records, None
     return [own], (f"{Path(out) / METRICS_FILE} does not match the checkpoint (epoch {ckpt.epoch}); keeping "
@@ -170,12 +179,14 @@ class RunWriter:
     from: the directory must still hold it once the lock is taken.
     """
 
-    def __init__(self, out, overwrite: bool = False, resume_epoch: int | None = None):
+    def __init__(self, out, overwrite: bool = False, resume_epoch: int | None = None,
+                 resume_step: int | None = None):
         self.out = Path(out)
-        self.overwrite, self.resume_epoch = overwrite, resume_epoch
+        self.overwrite, self.resume_epoch, self.resume_step = overwrite, resume_epoch, resume_step
         self.replacing = False          # rnnlab's files of an earlier run are here and go at the first save
         self.old_run = False            # ... and they include a checkpoint
         self.saved_epoch = resume_epoch  # the epoch of the checkpoint on disk that this run wrote or resumed
+        self.saved_step = resume_step    # ... and its step
         self._lock = None
 
     def __enter__(self) -> "RunWriter":
@@ -208,7 +219,8 @@ class RunWriter:
         out = self.out
         if self.resume_epoch is not None:
             ckpt = checkpoint.load(out)
-            if ckpt.epoch != self.resume_epoch:
+            step = ckpt.extra.get("step") if self.resume_step is not None else None
+            if ckpt.epoch != self.resume_epoch or step != self.resume_step:
                 raise RnnlabError(f"the checkpoint in {out} moved from epoch {self.resume_epoch} to {ckpt.epoch} "
                                   "while this run was loading; another process trained it")
             repair_best(out, ckpt)
@@ -245,6 +257,7 @@ class RunWriter:
         if self.replacing:
             checkpoint.save(out, ckpt)
             self.replacing, self.old_run, self.saved_epoch = False, False, ckpt.epoch
+            self.saved_step = ckpt.extra.get("step")
             (out / PLOT_FILE).unlink(missing_ok=True)          # the old run's; the caller draws the new one
             atomic_write_text(out / METRICS_FILE, metrics)
             if best:
@@ -254,7 +267,7 @@ class RunWriter:
         else:
             atomic_write_text(out / METRICS_FILE, metrics)
             checkpoint.save(out, ckpt)
-            self.saved_epoch = ckpt.epoch
+            self.saved_epoch, self.saved_step = ckpt.epoch, ckpt.extra.get("step")
             if best:
                 checkpoint.save(out / BEST_DIR, ckpt)
 

@@ -10,6 +10,7 @@ divergence counters; settings that would change what it computes are refused.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import uuid
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from . import cells, checkpoint, corpora, evaluate, limits, optim, rundir, samplers, text
-from .backends import device_of, make_backend
-from .config import RUN_DEFINING, DataConfig, ModelConfig, TrainConfig, to_dict, validate_sizes
+from .backends import device_of, make_backend, set_threads
+from .config import RUN_DEFINING, DataConfig, ModelConfig, TrainConfig, resets_state, to_dict, validate_sizes
 from .errors import RnnlabError
-from .fileio import finite_or_none
+from .fileio import finite_or_none, sha256_file
 
 
 @dataclass
@@ -35,9 +36,10 @@ class Dataset:
     sha256: str
 
 
-def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None) -> Dataset:
-    """Read, preprocess, encode (with `vocab`, or one built over the whole text as the book does; `legacy`
-    preprocessing builds the early notebook's, over the training text only) and split."""
+def encode(cfg: DataConfig, vocab: text.Vocab | None = None) -> tuple[np.ndarray, text.Vocab, Path, str]:
+    """(tokens, vocab, file, sha256): the whole corpus read, preprocessed and encoded (with `vocab`, or one built
+    over the whole text as the book does; `legacy` preprocessing builds the early notebook's, over the training
+    text only), with the absolute path of the file it came from and the SHA-256 of its bytes."""
     raw, path, digest = corpora.load(cfg.corpus, cfg.data_dir)
     try:
         if cfg.preprocess == "legacy" and vocab is None:
@@ -46,8 +48,87 @@ def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None) -> Dataset:
         corpus, vocab = text.load_corpus(raw, cfg.preprocess, cfg.token, vocab=vocab)
     except RnnlabError as e:
         raise RnnlabError(f"{path}: {e}") from None
+    return corpus, vocab, path.resolve(), digest
+
+
+def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None) -> Dataset:
+    """Read, preprocess, encode (see `encode`) and split."""
+    corpus, vocab, path, digest = encode(cfg, vocab)
     train, val = evaluate.split(corpus, cfg.val_fraction, cfg.max_tokens)
     return Dataset(train, val, vocab, path, digest)
+
+
+def run_corpus(ckpt: checkpoint.Checkpoint, where, data_dir: str | None = None, given: str | None = None) -> str:
+    """The corpus of the run whose checkpoint is `ckpt` (read from `where`), to load now: a named corpus by its
+    name; a file at the path recorded when its SHA-256 is still the one recorded, else (moved or changed) the
+    file of the same name with that SHA-256 along the data path (`data_dir`, $RNNLAB_DATA, the cache), in the
+    current directory or beside the checkpoint. `given` (--corpus on resuming) is taken when it is the same
+    text, whatever its spelling or place. Anything else is one line saying where it looked."""
+    recorded, sha = ckpt.config["data"]["corpus"], ckpt.extra.get("corpus_sha256")
+    if given is not None:
+        return _same_corpus(given, recorded, sha, where, data_dir)
+    if recorded in corpora.CORPORA or sha is None:       # a name, or a checkpoint older than corpus hashes
+        return recorded
+    for candidate in dict.fromkeys(filter(None, (recorded, ckpt.extra.get("corpus_path")))):
+        path = Path(candidate).expanduser()
+        if path.is_file() and sha256_file(path) == sha:
+            return str(path.resolve())
+    name = Path(recorded).name
+    home = Path(where) if Path(where).is_dir() else Path(where).parent
+    dirs = [*corpora.search_path(data_dir), Path.cwd(), home]
+    found = corpora.find_by_hash(sha, name, dirs)
+    if found is not None:
+        return str(found)
+    what = "changed since the checkpoint was written" if Path(recorded).is_file() else "is not there"
+    raise RnnlabError(f"the corpus file {recorded} of {where} {what}, and no {name} with its SHA-256 "
+                      f"({sha[:12]}...) is in {', '.join(dict.fromkeys(map(str, dirs)))}; give the file with "
+                      "--corpus PATH")
+
+
+def _same_corpus(given: str, recorded: str, sha: str | None, where, data_dir: str | None) -> str:
+    """`given` (as a run records it) when it is the text the run in `where` trained on, else one line."""
+    if given == recorded and given in corpora.CORPORA:
+        return given
+    if sha is None:
+        if corpora.canonical(given) != corpora.canonical(recorded):
+            raise RnnlabError(f"--corpus differs from the checkpoint in {where}, which records no SHA-256 to "
+                              "compare; a resumed run keeps its corpus (start a new --out to change it)")
+        return corpora.canonical(given)
+    if sha256_file(corpora.locate(given, data_dir)) != sha:
+        raise RnnlabError(f"--corpus {given} is not the text {where} trained on (its SHA-256 differs from the "
+                          f"checkpoint's); a resumed run keeps its corpus (start a new --out, or --init-from "
+                          f"{where}, to train on other text)")
+    return corpora.canonical(given)
+
+
+@dataclass
+class EpochStats:
+    """Training totals over some minibatches: an epoch so far, or the steps since the last record."""
+    nll_sum: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    clipped: int = 0
+
+    def add(self, other: "EpochStats") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def ppl(self) -> float:
+        nats = self.nll_sum / max(self.tokens, 1)
+        return math.exp(nats) if nats < 700 else math.inf
+
+
+@dataclass
+class Position:
+    """Where a run stands inside an epoch, and all a mid-epoch checkpoint needs to resume it exactly: the
+    data-order RNG as it was when the epoch began (the sampler's offset and order are redrawn from it), the
+    minibatches already trained, the hidden state they carried forward, and their totals."""
+    epoch_rng_state: dict
+    batch: int = 0
+    state: object = None              # (S, B, H) backend array after `batch` minibatches; None before the first
+    stats: EpochStats = field(default_factory=EpochStats)
 
 
 @dataclass
@@ -60,7 +141,7 @@ class Run:
     backend: object
     rng: np.random.Generator          # data order: sampler offsets, shuffles and dropout masks
     optimizer: optim.Optimizer
-    epoch: int = 0
+    epoch: int = 0                    # completed epochs
     elapsed_s: float = 0.0            # wall time of all sessions of this run, evaluation included
     records: list[dict] = field(default_factory=list)
     best_val_nats: float = math.inf   # best held-out loss so far (nats per token)
@@ -75,6 +156,17 @@ class Run:
     run_id: str | None = field(default_factory=lambda: uuid.uuid4().hex)   # tells this run's best/ from others
     writer: object = None             # the rundir.RunWriter while fit() runs
     events_logged: set = field(default_factory=set)    # one-time warnings already shown
+    step: int = 0                     # minibatch updates done, over all epochs
+    position: Position | None = None  # inside an epoch: where; None at an epoch's boundary
+    saved_step: int | None = None     # the step of the checkpoint in `out`
+    changes: list[dict] = field(default_factory=list)  # settings changed on resuming, each with where
+    init_from: dict | None = None     # the checkpoint whose weights this run started from, if any
+
+    def where(self) -> str:
+        """The run's place for a message: 'epoch 3' at a boundary, else 'epoch 4, minibatch 120 (step 1356)'."""
+        if self.position is None or not self.position.batch:
+            return f"epoch {self.epoch}"
+        return f"epoch {self.epoch + 1}, minibatch {self.position.batch} (step {self.step})"
 
 
 def _generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -92,9 +184,15 @@ def _check_trainable(dataset: Dataset, cfg: TrainConfig) -> None:
 
 
 def _backend(params, model_cfg: ModelConfig, train_cfg: TrainConfig):
-    return make_backend(train_cfg.backend, params, model_cfg.activation, train_cfg.device,
-                        torch_impl=train_cfg.torch_impl, matmul_dtype=train_cfg.matmul_dtype,
-                        dropout=model_cfg.dropout)
+    """The backend that trains `params`, with torch's CPU threads set by --threads; its `threads` attribute
+    says how many (the CLI shows it)."""
+    threads = set_threads(train_cfg.threads, train_cfg.backend, train_cfg.device)
+    backend = make_backend(train_cfg.backend, params, model_cfg.activation, train_cfg.device,
+                           torch_impl=train_cfg.torch_impl, matmul_dtype=train_cfg.matmul_dtype,
+                           dropout=model_cfg.dropout)
+    if threads is not None:
+        backend.threads = threads
+    return backend
 
 
 def _optimizer(cfg: TrainConfig) -> optim.Optimizer:
@@ -104,6 +202,7 @@ def _optimizer(cfg: TrainConfig) -> optim.Optimizer:
 def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
     """Load the data and initialise the parameters from the seed (the book's scheme by default)."""
     validate_sizes(data_cfg, model_cfg, train_cfg)
+    data_cfg = dataclasses.replace(data_cfg, corpus=corpora.canonical(data_cfg.corpus))
     dataset = load_dataset(data_cfg)
     _check_trainable(dataset, train_cfg)
     limits.check_train(len(dataset.vocab), model_cfg, train_cfg)       # before any big allocation
@@ -111,6 +210,7 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     params = cells.init_params(len(dataset.vocab), model_cfg.num_hiddens, init_rng, np.dtype(train_cfg.dtype),
                                model_cfg.cell, model_cfg.num_layers, model_cfg.embed_size, model_cfg.init,
                                model_cfg.cell_variant)
+    train_cfg = with_prompts(train_cfg, dataset, data_cfg.token)
     return Run(data_cfg, model_cfg, train_cfg, dataset, _backend(params, model_cfg, train_cfg), data_rng,
                _optimizer(train_cfg))
 
@@ -119,8 +219,11 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
     """Rebuild a run from the checkpoint in `out`.
 
     `data`, `model`, `train` hold settings given anew (e.g. {"num_epochs": 1000}). Those that do not alter
-    what the run computes (num_epochs, log_every, backend, device, prefixes, num_preds, data_dir) are
-    applied; one that would change the run (a size, the seed, the corpus, ...) is refused.
+    what the run computes (log_every, backend, device, prefixes, num_preds, data_dir, ...) are applied; so
+    are the ones that steer it from here on without making it inexact (the learning rate, the schedule's
+    horizon --num-epochs, the time budget, early stopping), each recorded in the checkpoint and the next
+    metrics record; one that would change what was already computed (a size, the seed, the corpus, the
+    sampling, ...) is refused.
     """
     rundir.check_entries(Path(out))
     ckpt = checkpoint.load(out)
@@ -133,7 +236,9 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
                 raise RnnlabError(f"--{name.replace('_', '-')} differs from the checkpoint in {out}; a "
                                   "resumed run keeps its settings (start a new --out to change them)")
     data_cfg = dataclasses.replace(data_cfg, **changes["data"])
-    train_cfg = dataclasses.replace(train_cfg, **changes["train"])
+    data_cfg = dataclasses.replace(data_cfg, corpus=run_corpus(ckpt, out, data_cfg.data_dir,
+                                                               changes["data"].get("corpus")))
+    before, train_cfg = train_cfg, dataclasses.replace(train_cfg, **changes["train"])
     validate_sizes(data_cfg, model_cfg, train_cfg)
     limits.check_train(len(vocab), model_cfg, train_cfg)       # --num-preds may have changed
     dataset = load_dataset(data_cfg, vocab)
@@ -151,16 +256,37 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
         optimizer.load_state_dict(ckpt.optimizer, ckpt.optimizer_arrays, backend.params)
     except (TypeError, ValueError) as e:
         raise RnnlabError(f"corrupt checkpoint {out}: {e}") from None
-    records, note = rundir.records_for(out, ckpt)
+    step = checkpoint_step(ckpt, len(dataset.train), train_cfg)
+    records, note = rundir.records_for(out, ckpt, step)
     extra = ckpt.extra
     best = extra.get("best_val_nats")
     level = extra.get("loss_level")
-    return Run(data_cfg, model_cfg, train_cfg, dataset, backend, rng, optimizer, ckpt.epoch,
-               float(extra.get("elapsed_s", 0.0)), records, math.inf if best is None else float(best),
-               int(extra.get("evals_since_best", 0)), math.inf if level is None else float(level),
-               float(extra.get("lr_scale", 1.0)), int(extra.get("rollbacks", 0)), out=Path(out),
-               saved_epoch=ckpt.epoch, notes=[*([note] if note else []), *_schedule_note(ckpt, train_cfg)],
-               run_id=extra.get("run_id"))
+    changed = _changes(before, train_cfg, ckpt.epoch, step)
+    run = Run(data_cfg, model_cfg, train_cfg, dataset, backend, rng, optimizer, ckpt.epoch,
+              float(extra.get("elapsed_s", 0.0)), records, math.inf if best is None else float(best),
+              int(extra.get("evals_since_best", 0)), math.inf if level is None else float(level),
+              float(extra.get("lr_scale", 1.0)), int(extra.get("rollbacks", 0)), out=Path(out),
+              saved_epoch=ckpt.epoch, notes=[*([note] if note else []), *_schedule_note(ckpt, train_cfg)],
+              run_id=extra.get("run_id"), step=step, saved_step=step,
+              changes=[*extra.get("changes", []), *changed], init_from=extra.get("init_from"))
+    run.events.extend(changed)
+    run.notes.extend(f"--{c['setting'].replace('_', '-')} changes from {c['from']!r} to {c['to']!r} at "
+                     f"{run.where()}" for c in changed)
+    try:
+        run.position = _position(ckpt, backend)
+    except (TypeError, ValueError) as e:
+        raise RnnlabError(f"corrupt checkpoint {out}: bad position ({e})") from None
+    return run
+
+
+# Settings a resumed run may change that steer what it computes from then on: recorded where they change.
+STEERING = ("lr", "num_epochs", "time_budget", "patience", "on_divergence")
+
+
+def _changes(before: TrainConfig, after: TrainConfig, epoch: int, step: int) -> list[dict]:
+    """One record per steering setting that differs on resuming: which, from what, to what, and where."""
+    return [{"setting": name, "from": getattr(before, name), "to": getattr(after, name), "epoch": epoch,
+             "step": step} for name in STEERING if getattr(before, name) != getattr(after, name)]
 
 
 def _schedule_note(ckpt: checkpoint.Checkpoint, train_cfg: TrainConfig) -> list[str]:
@@ -186,11 +312,58 @@ def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
              "metrics": run.records[-1] if run.records else None,
              "best_val_nats": finite_or_none(run.best_val_nats), "evals_since_best": run.evals_since_best,
              "loss_level": finite_or_none(run.loss_level), "lr_scale": run.lr_scale, "rollbacks": run.rollbacks,
-             "run_id": run.run_id,
+             "run_id": run.run_id, "step": run.step,
              "vocab_token_freqs": [list(tf) for tf in run.dataset.vocab.token_freqs]}
+    if run.changes:
+        extra["changes"] = [dict(c) for c in run.changes]
+    if run.init_from is not None:
+        extra["init_from"] = dict(run.init_from)
+    state = None
+    position = run.position
+    if position is not None and position.batch:
+        carried = position.state is not None and not resets_state(run.train_cfg)
+        stats = {f.name: getattr(position.stats, f.name) for f in dataclasses.fields(EpochStats)}
+        extra["position"] = {"batch": position.batch, "epoch_rng_state": position.epoch_rng_state,
+                             "carried_state": carried, "stats": stats}
+        state = state_to_numpy(position.state) if carried else None
     return checkpoint.Checkpoint(params=params, config=cfg, vocab=run.dataset.vocab.idx_to_token,
                                  epoch=run.epoch, rng_state=run.rng.bit_generator.state, optimizer=opt_meta,
-                                 extra=extra, optimizer_arrays=opt_arrays)
+                                 extra=extra, optimizer_arrays=opt_arrays, state=state)
+
+
+def state_to_numpy(state) -> np.ndarray:
+    """A backend's (S, B, H) hidden state as a numpy copy."""
+    if hasattr(state, "detach"):                   # torch
+        return state.detach().cpu().numpy().copy()
+    return np.array(state)
+
+
+def state_from_numpy(backend, state: np.ndarray):
+    """A numpy (S, B, H) hidden state as `backend`'s own array, in the dtype and on the device its
+    `begin_state` gives."""
+    zeros = backend.begin_state(state.shape[1])
+    if isinstance(zeros, np.ndarray):
+        return state.astype(zeros.dtype, copy=True)
+    if hasattr(zeros, "copy_"):                    # torch
+        import torch
+        return zeros.copy_(torch.from_numpy(np.ascontiguousarray(state)))
+    return backend._put(state.astype(np.asarray(zeros).dtype))     # jax
+
+
+def _position(ckpt: checkpoint.Checkpoint, backend) -> Position | None:
+    """The mid-epoch position a checkpoint holds, rebuilt for `backend`; None at an epoch's boundary."""
+    saved = ckpt.extra.get("position")
+    if saved is None:
+        return None
+    state = None if ckpt.state is None else state_from_numpy(backend, ckpt.state)
+    return Position(saved["epoch_rng_state"], saved["batch"], state, EpochStats(**saved["stats"]))
+
+
+def checkpoint_step(ckpt: checkpoint.Checkpoint, train_tokens: int, cfg: TrainConfig) -> int:
+    """The step of a checkpoint (one written before steps were counted: its epochs' worth of minibatches)."""
+    if "step" in ckpt.extra:
+        return ckpt.extra["step"]
+    return ckpt.epoch * max((train_tokens - 1) // (cfg.batch_size * cfg.num_steps), 1)
 
 
 def restore(run: Run, ckpt: checkpoint.Checkpoint) -> None:
@@ -201,8 +374,91 @@ def restore(run: Run, ckpt: checkpoint.Checkpoint) -> None:
     run.optimizer.load_state_dict(ckpt.optimizer, ckpt.optimizer_arrays, run.backend.params)
     run.rng.bit_generator.state = ckpt.rng_state
     run.epoch = ckpt.epoch
-    run.records = [r for r in run.records if r["epoch"] <= ckpt.epoch]
+    run.step = checkpoint_step(ckpt, len(run.dataset.train), run.train_cfg)
+    run.position = _position(ckpt, run.backend)
+    run.records = [r for r in run.records if not rundir.after(r, ckpt.epoch, run.step)]
     extra = ckpt.extra
     run.best_val_nats = math.inf if extra["best_val_nats"] is None else extra["best_val_nats"]
     run.evals_since_best = extra["evals_since_best"]
     run.loss_level = math.inf if extra["loss_level"] is None else extra["loss_level"]
+
+
+PROMPT_SOURCE_TOKENS = 1 << 22      # prompts come from at most this many tokens of the training split
+
+
+def with_prompts(train_cfg: TrainConfig, dataset: Dataset, token: str) -> TrainConfig:
+    """`train_cfg` with its sample prompts: the ones configured, or with none configured (`prefixes=()`),
+    prompts taken from the training text itself, in the model's own alphabet."""
+    if train_cfg.prefixes:
+        return train_cfg
+    from . import owntext
+    joiner = "" if token == "char" else " "
+    training_text = joiner.join(dataset.vocab.to_tokens(dataset.train[:PROMPT_SOURCE_TOKENS]))
+    return dataclasses.replace(train_cfg, prefixes=tuple(owntext.prompts(training_text)))
+
+
+UNKNOWN_CHOICES = ("refuse", "unk")
+
+
+def start_from(source, data: dict | None = None, model: dict | None = None, train: dict | None = None,
+               on_unknown: str = "refuse") -> Run:
+    """A new run that starts from the weights and vocabulary of the checkpoint in `source` (fine-tuning).
+
+    The model stays the source's (only its dropout and weight drop may change); the data and training
+    settings are the source's, overridden by the ones given: another corpus, any optimizer, learning rate,
+    schedule or seed. The optimizer starts afresh at step 0. Tokens of the corpus that the vocabulary lacks
+    are refused with their count and examples, or with `on_unknown="unk"` mapped to `<unk>` (a note says
+    how many). Without prompts given, a run on another corpus samples from prompts taken from that text.
+    """
+    if on_unknown not in UNKNOWN_CHOICES:
+        raise RnnlabError(f"--on-unknown takes {' or '.join(UNKNOWN_CHOICES)}, got {on_unknown!r}")
+    data, model, train = dict(data or {}), dict(model or {}), dict(train or {})
+    ckpt = checkpoint.load(source)
+    src_data, src_model, src_train, vocab = checkpoint.read_configs(ckpt, source)
+    for name, value in model.items():
+        if name not in ("dropout", "weight_drop") and value != getattr(src_model, name):
+            raise RnnlabError(f"--{name.replace('_', '-')} differs from the model in {source}: --init-from keeps "
+                              "its architecture (only --dropout and --weight-drop may change)")
+    if data.get("token", src_data.token) != src_data.token:
+        raise RnnlabError(f"--token {data['token']} differs from the model in {source}, which reads "
+                          f"{src_data.token} tokens")
+    if "corpus" in data:
+        data["corpus"] = corpora.canonical(data["corpus"])
+    else:                                          # the source's own text, wherever it is now
+        data["corpus"] = run_corpus(ckpt, source, data.get("data_dir", src_data.data_dir))
+    data_cfg = dataclasses.replace(src_data, **data)
+    model_cfg = dataclasses.replace(src_model, **model)
+    train_cfg = dataclasses.replace(src_train, **train)
+    validate_sizes(data_cfg, model_cfg, train_cfg)
+    dataset = load_dataset(data_cfg, vocab)
+    if dataset.sha256 != ckpt.extra.get("corpus_sha256") and "prefixes" not in train:
+        train_cfg = dataclasses.replace(train_cfg, prefixes=())      # another text: prompts from it
+    _check_trainable(dataset, train_cfg)
+    limits.check_train(len(vocab), model_cfg, train_cfg)
+    notes = _unknown_tokens(dataset, data_cfg, source, on_unknown)
+    dtype = np.dtype(train_cfg.dtype)
+    params = {k: v.astype(dtype) for k, v in ckpt.params.items()}
+    train_cfg = with_prompts(train_cfg, dataset, data_cfg.token)
+    origin = {"checkpoint": str(Path(source).resolve()), "epoch": ckpt.epoch,
+              "step": ckpt.extra.get("step"), "run_id": ckpt.extra.get("run_id"),
+              "corpus_sha256": ckpt.extra.get("corpus_sha256")}
+    return Run(data_cfg, model_cfg, train_cfg, dataset, _backend(params, model_cfg, train_cfg),
+               _generators(train_cfg.seed)[1], _optimizer(train_cfg), notes=notes, init_from=origin)
+
+
+def _unknown_tokens(dataset: Dataset, data_cfg: DataConfig, source, on_unknown: str) -> list[str]:
+    """Refuse (or note, with on_unknown="unk") the tokens of the corpus the vocabulary lacks, with examples."""
+    unk = dataset.vocab.unk
+    count = int((dataset.train == unk).sum() + (dataset.val == unk).sum())
+    if count == 0:
+        return []
+    raw = corpora.load(data_cfg.corpus, data_cfg.data_dir)[0]
+    tokens = text.tokenize(text.preprocess(raw, data_cfg.preprocess, data_cfg.token), data_cfg.token)
+    lacking = collections.Counter(t for t in tokens if t not in dataset.vocab.token_to_idx)
+    shown = ", ".join(f"{t!r} x{n:,}" for t, n in lacking.most_common(5))
+    more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+    what = (f"{count:,} of the {len(dataset.train) + len(dataset.val):,} tokens of {dataset.path} "
+            f"({len(lacking)} distinct: {shown}{more}) are not in the vocabulary of {source}")
+    if on_unknown == "refuse":
+        raise RnnlabError(f"{what}; --on-unknown unk maps them to <unk>, or train a new model on this text")
+    return [f"{what}; they are mapped to <unk>"]

@@ -253,11 +253,50 @@ def check_extra(extra: dict, where: str) -> dict:
         "loss_level": number_or_null,
         "rollbacks": count,
         "vocab_token_freqs": lambda v, w, f: check_token_freqs(v, w),
+        "step": count,
+        "position": _position,
+        "changes": _changes,
+        "init_from": mapping,
     }
     for name, check in checks.items():
         if name in extra:
             check(extra[name], where, name)
     return extra
+
+
+POSITION_STATS = ("nll_sum", "tokens", "seconds", "steps", "clipped")
+
+
+def _position(value, where: str, field: str) -> dict:
+    """Where a mid-epoch checkpoint stands in its epoch: minibatches done (>= 1), the RNG state the epoch
+    began with, whether a carried state is saved, and the epoch's totals so far."""
+    value = mapping(value, where, field)
+    if set(value) != {"batch", "epoch_rng_state", "carried_state", "stats"}:
+        raise fail(where, field, "must hold exactly batch, epoch_rng_state, carried_state and stats")
+    if count(value["batch"], where, f"{field}.batch") < 1:
+        raise fail(where, f"{field}.batch", "must be >= 1", value["batch"])
+    check_rng_state(value["epoch_rng_state"], where)
+    if not isinstance(value["carried_state"], bool):
+        raise fail(where, f"{field}.carried_state", "must be true or false", value["carried_state"])
+    stats = mapping(value["stats"], where, f"{field}.stats")
+    if set(stats) != set(POSITION_STATS):
+        raise fail(where, f"{field}.stats", f"must hold exactly {', '.join(POSITION_STATS)}")
+    for name in POSITION_STATS:
+        check = _non_negative if name in ("nll_sum", "seconds") else count
+        check(stats[name], where, f"{field}.stats.{name}")
+    return value
+
+
+def _changes(value, where: str, field: str) -> list:
+    """Settings changed on resuming: a list of {setting, from, to, epoch, step}."""
+    if not isinstance(value, list):
+        raise fail(where, field, "must be a list", value)
+    for i, change in enumerate(value):
+        change = mapping(change, where, f"{field}[{i}]")
+        string(change.get("setting"), where, f"{field}[{i}].setting")
+        for name in ("epoch", "step"):
+            count(change.get(name), where, f"{field}[{i}].{name}")
+    return value
 
 
 def _sha256_or_null(value, where: str, field: str):

@@ -5,6 +5,11 @@ Preprocessing modes:
            lines are concatenated with no separator (170,580 tokens for The Time Machine, as the book's corpus)
   letters  the same substitution over the whole text, so words on either side of a line break stay apart
   raw      every character kept (only line endings normalised to '\n')
+  unicode  for a user's own text: every letter (accents included), digit, punctuation mark and case kept,
+           NFC-normalised (a decomposed and a composed é are one token); line endings and the other line
+           breaks (vertical tab, form feed, U+0085, U+2028, U+2029) become '\n'; control and format
+           characters (Unicode Cc and Cf: zero-width spaces, soft hyphens, a BOM) are removed, except '\n'
+           and '\t'
   legacy   the early notebook's (d2l-en, 2019): lower-cased, every run of whitespace (line breaks included)
            collapsed to one space, the ends stripped; punctuation and digits kept. Its vocabulary
            (`legacy_vocab`) counts only the training text and breaks ties in code-point order.
@@ -13,15 +18,17 @@ from __future__ import annotations
 
 import collections
 import re
+import unicodedata
 
 import numpy as np
 
 from . import ascii_chars
 from .errors import RnnlabError
 
-PREPROCESS_MODES = ("d2l", "letters", "raw", "legacy")
+PREPROCESS_MODES = ("d2l", "letters", "raw", "legacy", "unicode")
 TOKEN_TYPES = ("char", "word")
 _NON_LETTERS = re.compile("[^A-Za-z]+")
+LINE_BREAKS = "\x0b\x0c\x85\u2028\u2029"     # become '\n' in unicode mode ('\r' and '\r\n' too)
 
 
 def _lines(text: str) -> list[str]:
@@ -41,6 +48,8 @@ def preprocess(text: str, mode: str, token: str = "char") -> str:
         return text.replace("\r\n", "\n").replace("\r", "\n")
     if mode == "legacy":
         return " ".join(text.lower().split())
+    if mode == "unicode":
+        return unicode_text(text)
     raise ValueError(f"unknown preprocess mode {mode!r}; choose from {PREPROCESS_MODES}")
 
 
@@ -50,7 +59,38 @@ def normalize_prefix(prefix: str, mode: str) -> str:
         return _NON_LETTERS.sub(" ", prefix).lower()
     if mode == "legacy":
         return re.sub(r"\s+", " ", prefix.lower())
+    if mode == "unicode":
+        return unicode_text(prefix)
     return prefix
+
+
+def _removed_in_unicode(char: str) -> bool:
+    """Whether unicode mode drops a character: a control (Cc) or format (Cf) character other than '\n', '\t'
+    and the line breaks that become '\n'."""
+    return unicodedata.category(char) in ("Cc", "Cf") and char not in "\n\t\r" + LINE_BREAKS
+
+
+def _class_of(chars) -> re.Pattern:
+    return re.compile("[" + "".join(re.escape(c) for c in sorted(chars)) + "]")
+
+
+def unicode_text(text: str) -> str:
+    """The unicode preprocessing mode (see the module docstring).
+
+    What to drop is decided once per distinct character of the text, so a multi-MB text costs a few passes
+    in C: a set, a regex substitution only where such characters occur, and NFC normalisation. Characters
+    are removed before normalising, so a soft hyphen between a letter and its combining accent does not
+    keep them apart.
+    """
+    distinct = set(text)
+    removed = {c for c in distinct if _removed_in_unicode(c)}
+    if removed:
+        text = _class_of(removed).sub("", text)
+    text = text.replace("\r\n", "\n")
+    breaks = distinct.intersection("\r" + LINE_BREAKS)
+    if breaks:
+        text = _class_of(breaks).sub("\n", text)
+    return unicodedata.normalize("NFC", text)
 
 
 def tokenize(text, token: str = "char"):

@@ -9,11 +9,14 @@ clipped (global norm theta, the book's, or per element); an update (SGD, the boo
 AdamW at the scheduled learning rate). Dropout masks are drawn from the run's data-order generator. Train
 perplexity is exp of the token-weighted mean loss over the epoch.
 
-Every `log_every` epochs (and at the last) the held-out split is scored as one stream, greedy samples are
-drawn, and, with an output directory, metrics.jsonl, the checkpoint and the plot are rewritten atomically
-(rundir.py: one writer, no links, nothing but rnnlab's files); a held-out loss better than every earlier one
-also writes OUT/best. With `patience`, training stops after that many evaluations without a better held-out
-loss. The run's state and how it is resumed are in runstate.py.
+Every `log_every` epochs, or every `eval_every` epochs or minibatch steps (mid-epoch too), and at the last,
+the held-out split is scored as one stream, samples are drawn, and, with an output directory, metrics.jsonl,
+the checkpoint and the plot are rewritten atomically (rundir.py: one writer, no links, nothing but rnnlab's
+files); a held-out loss better than every earlier one also writes OUT/best. `save_every` adds checkpoints
+between evaluations. A checkpoint taken mid-epoch holds where the epoch stands (runstate.Position) and
+resumes exactly. With `patience`, training stops after that many evaluations without a better held-out loss.
+Ctrl-C stops at the end of the current minibatch and checkpoints it. The run's state and how it is resumed
+are in runstate.py.
 
 Divergence: a loss or gradient norm that is not finite, weights or optimizer buffers that are not, or an
 epoch's loss more than ln V above its running level (ln V nats is what guessing uniformly costs) stop the
@@ -24,42 +27,27 @@ continues (at most MAX_ROLLBACKS times); each rollback is recorded in the next m
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from . import checkpoint, evaluate, generate, network, optim, rundir, samplers, text
-from .config import TrainConfig, resets_state
+from .config import TrainConfig, eval_cadence, every, resets_state
 from .errors import Diverged, RnnlabError
 from .fileio import finite_or_none
-from .runstate import Run, _check_trainable, make_checkpoint, restore
+from .runstate import EpochStats, Position, Run, _check_trainable, make_checkpoint, restore
 from .rundir import read_metrics  # noqa: F401  (the library's entry points, used via train)
-from .runstate import load_dataset, new_run, resume_run  # noqa: F401
+from .runstate import load_dataset, new_run, resume_run, start_from  # noqa: F401
 
 MAX_ROLLBACKS = 5
 ROLLBACK_LR_FACTOR = 0.5
-
-
-@dataclass
-class EpochStats:
-    nll_sum: float = 0.0
-    tokens: int = 0
-    seconds: float = 0.0
-    steps: int = 0
-    clipped: int = 0
-
-    def add(self, other: "EpochStats") -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    @property
-    def ppl(self) -> float:
-        nats = self.nll_sum / max(self.tokens, 1)
-        return math.exp(nats) if nats < 700 else math.inf
 
 
 def learning_rate(cfg: TrainConfig, epoch: float) -> float:
@@ -68,39 +56,65 @@ def learning_rate(cfg: TrainConfig, epoch: float) -> float:
                        cfg.lr_gamma)
 
 
-def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
-                optimizer: optim.Optimizer | None = None, epoch: int = 0, dropout: float = 0.0,
-                weight_drop: float = 0.0, lr_scale: float = 1.0) -> EpochStats:
-    """One pass over the training split (the book's `train_epoch_ch8`); `epoch` counts the epochs done
-    before this one, for the learning-rate schedule. Without an optimizer, the book's SGD. Dropout and
-    weight-drop masks come from `rng`, so a resumed run draws the same ones. Raises Diverged as soon as a
-    minibatch's loss or gradient norm is not finite."""
-    stats, state, reset = EpochStats(), None, resets_state(cfg)
-    optimizer = optimizer or optim.Optimizer()
+def batches_per_epoch(num_tokens: int, cfg: TrainConfig) -> int:
+    """About how many minibatches an epoch of `num_tokens` has (the exact count depends on the offset
+    drawn): what the learning-rate schedule and the progress bar count an epoch's progress in."""
+    return max((num_tokens - 1) // (cfg.batch_size * cfg.num_steps), 1)
+
+
+def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
+                optimizer: optim.Optimizer, epoch: int, position: Position, dropout: float = 0.0,
+                weight_drop: float = 0.0, lr_scale: float = 1.0) -> Iterator[EpochStats]:
+    """Train the minibatches of one epoch from `position` on (the book's `train_epoch_ch8`), advancing
+    `position` and yielding each minibatch's own totals after its update; `epoch` counts the epochs done
+    before this one, for the schedule.
+
+    The sampler draws this epoch's offset and order from `rng` as it stood when the epoch began
+    (`position.epoch_rng_state`); a position part-way through (a mid-epoch checkpoint) skips the minibatches
+    already trained and goes on with `rng` as it is now, so a resumed epoch draws exactly the minibatches and
+    masks an uninterrupted one would. Raises Diverged as soon as a loss or gradient norm is not finite."""
+    stats, reset = position.stats, resets_state(cfg)
     arch = getattr(backend, "arch", None)
     dtype = np.dtype(cfg.dtype)
-    approx_batches = max((len(corpus) - 1) // (cfg.batch_size * cfg.num_steps), 1)
+    per_epoch = batches_per_epoch(len(corpus), cfg)
+    now = rng.bit_generator.state
+    rng.bit_generator.state = position.epoch_rng_state
+    minibatches = samplers.batches(corpus, cfg.batch_size, cfg.num_steps, cfg.sampling, rng)
+    if position.batch:
+        minibatches = itertools.islice(minibatches, position.batch, None)
+        rng.bit_generator.state = now
     start = time.perf_counter()
-    for X, Y in samplers.batches(corpus, cfg.batch_size, cfg.num_steps, cfg.sampling, rng):
-        if state is None or reset:
-            state = backend.begin_state(X.shape[0])
+    for X, Y in minibatches:
+        if position.state is None or reset:
+            position.state = backend.begin_state(X.shape[0])
         masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens,
                                       dtype) if dropout else None
         weight_masks = network.weight_drop_masks(rng, weight_drop, arch, dtype) if weight_drop else None
-        loss, grads, state = backend.loss_and_grads(X, Y, state, masks, weight_masks)   # state detached
+        loss, grads, state = backend.loss_and_grads(X, Y, position.state, masks, weight_masks)   # detached
         grads, norm, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise Diverged(f"the {'loss' if not math.isfinite(loss) else 'gradient'} is not finite in "
-                           f"minibatch {stats.steps + 1}")
-        progress = epoch + min((stats.steps + 1) / approx_batches, 1.0)
-        lr = lr_scale * learning_rate(cfg, progress)
+                           f"minibatch {position.batch + 1}")
+        lr = lr_scale * learning_rate(cfg, epoch + min((position.batch + 1) / per_epoch, 1.0))
         backend.update(lambda params: optimizer.step(params, grads, lr))
-        stats.nll_sum += loss * Y.size
-        stats.tokens += Y.size
-        stats.steps += 1
-        stats.clipped += clipped
-    stats.seconds = time.perf_counter() - start
-    return stats
+        position.state = state
+        position.batch += 1
+        step = EpochStats(loss * Y.size, Y.size, time.perf_counter() - start, 1, int(clipped))
+        stats.add(step)
+        yield step
+        start = time.perf_counter()
+
+
+def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
+                optimizer: optim.Optimizer | None = None, epoch: int = 0, dropout: float = 0.0,
+                weight_drop: float = 0.0, lr_scale: float = 1.0) -> EpochStats:
+    """One whole pass over the training split (the book's `train_epoch_ch8`) from a fresh zero state; without
+    an optimizer, the book's SGD. Dropout and weight-drop masks come from `rng`."""
+    position = Position(rng.bit_generator.state)
+    for _ in epoch_steps(backend, corpus, cfg, rng, optimizer or optim.Optimizer(), epoch, position, dropout,
+                         weight_drop, lr_scale):
+        pass
+    return position.stats
 
 
 def divergence(run: Run, stats: EpochStats) -> str | None:
@@ -129,20 +143,33 @@ def samples(run: Run) -> dict[str, str]:
     return out
 
 
+def progress(run: Run) -> float:
+    """Epochs done, with the fraction of the current one (what the schedule and the records count in)."""
+    done = run.position.batch if run.position is not None else 0
+    return run.epoch + min(done / batches_per_epoch(len(run.dataset.train), run.train_cfg), 1.0)
+
+
 def make_record(run: Run, epoch: EpochStats, window: EpochStats, val: dict, sample_text: dict) -> dict:
-    """One metrics.jsonl line: train ppl of the latest epoch; speed and clipping over the epochs since the
-    previous record, training time only; the exact path that trained (numpy, torch-fused, ...); the
-    rollbacks since then, if any."""
+    """One metrics.jsonl line: train ppl of the latest epoch (so far, when taken mid-epoch); speed and
+    clipping over the steps since the previous record, training time only; where the run is (epochs done,
+    global step, fractional epochs); the exact path that trained (numpy, torch-fused, ...); the rollbacks
+    and the settings changed on resuming since then, if any."""
     bits = val["bits_per_token"]
-    record = {"epoch": run.epoch, "train_ppl": finite_or_none(epoch.ppl), "val_ppl": finite_or_none(val["perplexity"]),
+    record = {"epoch": run.epoch, "step": run.step, "progress": round(progress(run), 6),
+              "train_ppl": finite_or_none(epoch.ppl), "val_ppl": finite_or_none(val["perplexity"]),
               "val_bpc": finite_or_none(bits) if run.data_cfg.token == "char" else None,
               "val_bits_per_token": finite_or_none(bits), "val_tokens": val["tokens"],
               "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
-              "lr": run.lr_scale * learning_rate(run.train_cfg, run.epoch),
+              "lr": run.lr_scale * learning_rate(run.train_cfg, progress(run)),
               "clip_frac": window.clipped / max(window.steps, 1), "elapsed_s": round(run.elapsed_s, 3),
               "backend": run.backend.name, "samples": sample_text}
-    if run.events:
-        record["rollbacks"], run.events = run.events, []
+    rollbacks = [e for e in run.events if "setting" not in e]
+    changes = [e for e in run.events if "setting" in e]
+    if rollbacks:
+        record["rollbacks"] = rollbacks
+    if changes:
+        record["changes"] = changes
+    run.events = []
     return record
 
 
@@ -155,8 +182,9 @@ def num(x, fmt: str) -> str:
 
 
 def format_record(r: dict) -> str:
-    """The one log line per logged epoch."""
-    line = (f"epoch {r['epoch']:>4}  train ppl {num(r['train_ppl'], '.3f')}  val ppl {num(r['val_ppl'], '.2f')}"
+    """The one log line per evaluation: at an epoch's end 'epoch 10', mid-epoch 'epoch 10.37'."""
+    at = f"{r['progress']:.2f}" if r.get("progress", r["epoch"]) != r["epoch"] else str(r["epoch"])
+    line = (f"epoch {at:>4}  train ppl {num(r['train_ppl'], '.3f')}  val ppl {num(r['val_ppl'], '.2f')}"
             f"  val {num(r['val_bits_per_token'], '.3f')} bits/tok  {r['tokens_per_s'] / 1e3:.1f}K tok/s")
     return line + "".join(f"  | {s!r}" for s in r["samples"].values())
 
@@ -171,14 +199,22 @@ def roll_back(run: Run, last_good: checkpoint.Checkpoint, reason: str, log: Call
     run.rollbacks += 1
     run.lr_scale *= ROLLBACK_LR_FACTOR
     run.events.append({"diverged_in_epoch": diverged_in, "reason": reason, "back_to_epoch": run.epoch,
-                       "lr_scale": run.lr_scale})
-    log(f"diverged in epoch {diverged_in} ({reason}); back to epoch {run.epoch} with the learning rate "
+                       "back_to_step": run.step, "lr_scale": run.lr_scale})
+    log(f"diverged in epoch {diverged_in} ({reason}); back to {run.where()} with the learning rate "
         f"x{run.lr_scale:g}")
 
 
+def saved_where(writer) -> str | None:
+    """Where the checkpoint a writer last wrote (or resumed from) stands, or None when there is none."""
+    if writer is None or writer.saved_epoch is None:
+        return None
+    step = f", step {writer.saved_step}" if writer.saved_step is not None else ""
+    return f"epoch {writer.saved_epoch}{step}"
+
+
 def _stop_message(run: Run, reason: str, writer) -> str:
-    kept = (f"the checkpoint in {writer.out} stays at epoch {writer.saved_epoch}"
-            if writer is not None and writer.saved_epoch is not None else "nothing was saved")
+    where = saved_where(writer)
+    kept = f"the checkpoint in {writer.out} stays at {where}" if where else "nothing was saved"
     rollback = "" if run.train_cfg.on_divergence == "rollback" else ", or --on-divergence rollback"
     return (f"training diverged in epoch {run.epoch + 1} ({reason}); {kept}; try a smaller --lr or clipping "
             f"(--clip){rollback}")
@@ -211,13 +247,46 @@ def open_writer(run: Run, out, overwrite: bool = False) -> rundir.RunWriter:
     return writer
 
 
-def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: bool = True,
-        overwrite: bool = False) -> list[dict]:
-    """Train up to `run.train_cfg.num_epochs`, evaluating, logging and checkpointing every `log_every`.
+class StopRequest:
+    """Ctrl-C while `fit` runs: the first one asks the loop to save the current step and stop; a second one
+    interrupts at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
 
-    `log` receives one line per logged epoch (default: printed above the progress bar). `out` is a run
+    def __init__(self, log: Callable[[str], None]):
+        self.requested, self._log, self._previous = False, log, None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log("stopping after this minibatch to save it (Ctrl-C again to stop at once, unsaved)")
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped at a minibatch's end on Ctrl-C; `saved` says whether that step was checkpointed."""
+
+    def __init__(self, saved: bool):
+        super().__init__("interrupted")
+        self.saved = saved
+
+
+def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: bool = True,
+        overwrite: bool = False, stop_at_step: int | None = None) -> list[dict]:
+    """Train up to `run.train_cfg.num_epochs`, evaluating, logging and checkpointing at the configured cadence.
+
+    `log` receives one line per evaluation (default: printed above the progress bar). `out` is a run
     directory, locked for the whole call (`overwrite` lets a new run replace the one there, at its first
-    save), or a RunWriter already opened by `open_writer`, which the caller closes.
+    save), or a RunWriter already opened by `open_writer`, which the caller closes. `stop_at_step` stops
+    after that many minibatch updates in all (mid-epoch if need be) and checkpoints there. Ctrl-C stops at
+    the end of the current minibatch, checkpoints it (with a run directory) and raises Interrupted.
     """
     from tqdm.auto import tqdm
     log = log or tqdm.write
@@ -226,30 +295,111 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
     owned = out is not None and not isinstance(out, rundir.RunWriter)
     writer = open_writer(run, out, overwrite) if owned else out
     run.writer = writer
-    bar = tqdm(total=cfg.num_epochs, initial=run.epoch, unit="epoch", disable=not progress or None,
-               leave=False, dynamic_ncols=True)
+    per_epoch = batches_per_epoch(len(run.dataset.train), cfg)
+    bar = tqdm(total=cfg.num_epochs * per_epoch, initial=min(run.step, cfg.num_epochs * per_epoch), unit="step",
+               disable=not progress or None, leave=False, dynamic_ncols=True, smoothing=0.1)
     try:
-        _loop(run, writer, log, bar)
+        if _used_budget(run, log):
+            return run.records
+        with StopRequest(log) as stop:
+            _loop(run, writer, log, bar, stop, stop_at_step)
     finally:
         bar.close()
         if writer is not None:
-            run.out, run.saved_epoch = writer.out, writer.saved_epoch
+            run.out, run.saved_epoch, run.saved_step = writer.out, writer.saved_epoch, writer.saved_step
             if owned:
                 writer.close()
     return run.records
 
 
-def _loop(run: Run, writer, log: Callable[[str], None], bar) -> None:
+def _used_budget(run: Run, log: Callable[[str], None]) -> bool:
+    """Whether the run already used its time budget (a resumed run that stopped on it): then say so, and how
+    to give it more, instead of training one more epoch."""
+    budget = run.train_cfg.time_budget
+    if budget <= 0 or run.elapsed_s / 60 < budget or run.epoch >= run.train_cfg.num_epochs:
+        return False
+    log(f"this run has already used its time budget ({run.elapsed_s / 60:.1f} of {budget:g} min); nothing "
+        f"to train: give a larger --time-budget (minutes in all, this run's {run.elapsed_s / 60:.1f} included) "
+        "or 0 for none")
+    return True
+
+
+@dataclass
+class _Clock:
+    """The run's wall time: what earlier sessions took plus this session's."""
+    before: float
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+def _due(count: int, cadence: tuple[int, str] | None, unit: str) -> bool:
+    """Whether a cadence (n, 'epoch'|'step') falls on `count` of `unit`."""
+    return cadence is not None and cadence[1] == unit and count % cadence[0] == 0
+
+
+def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
+          stop_at_step: int | None = None) -> None:
     cfg = run.train_cfg
-    window = EpochStats()       # training since the last log: tokens/s and train ppl of the interval
-    session_start, elapsed_before = time.perf_counter(), run.elapsed_s
+    evals, saves = eval_cadence(cfg), every(cfg.save_every, "--save-every")
+    window = EpochStats()       # training since the last record: tokens/s and clipping of the interval
+    clock = _Clock(run.elapsed_s)
     rollback = cfg.on_divergence == "rollback"
     last_good = make_checkpoint(run) if rollback else None     # what a rollback returns to
+    if run.train_cfg.torch_impl == "compile" and "compile" in run.backend.name and run.step == 0:
+        log("compiling the training step with torch.compile: the first minibatch takes a minute or more")
+
+    def checkpoint_now(evaluate_too: bool) -> None:
+        """Evaluate (and log) or only checkpoint the state just reached, once the divergence check passed."""
+        nonlocal last_good, window
+        reason = divergence(run, run.position.stats if run.position is not None else stats)
+        if reason is not None:
+            raise Diverged(reason)
+        run.elapsed_s = clock.elapsed()
+        improved = False
+        if evaluate_too:
+            improved = _evaluate(run, stats_so_far(), window, log)
+            window = EpochStats()
+        if writer is not None or rollback:
+            last_good = make_checkpoint(run)
+        if writer is not None:
+            writer.save(last_good, run.records, best=improved)
+            if evaluate_too:
+                _plot(run, writer.plot_path, log)
+
+    def stats_so_far() -> EpochStats:
+        return run.position.stats if run.position is not None else stats
+
+    stats = EpochStats()
     while run.epoch < cfg.num_epochs:
+        if run.position is None:
+            run.position = Position(run.rng.bit_generator.state)
         try:
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught just below
-                stats = train_epoch(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
-                                    run.model_cfg.dropout, run.model_cfg.weight_drop, run.lr_scale)
+                position = run.position
+                for step in epoch_steps(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
+                                        position, run.model_cfg.dropout, run.model_cfg.weight_drop, run.lr_scale):
+                    run.step += 1
+                    window.add(step)
+                    bar.update(1)
+                    bar.set_postfix_str(f"epoch {run.epoch + 1}/{cfg.num_epochs}  ppl {position.stats.ppl:.3f}  "
+                                        f"{position.stats.tokens / max(position.stats.seconds, 1e-9):,.0f} tok/s",
+                                        refresh=False)
+                    due_eval = _due(run.step, evals, "step")
+                    out_of_time = (evals[1] == "step" and cfg.time_budget > 0
+                                   and clock.elapsed() / 60 >= cfg.time_budget)
+                    if due_eval or out_of_time:
+                        checkpoint_now(evaluate_too=True)
+                    elif stop.requested or _due(run.step, saves, "step") or run.step == stop_at_step:
+                        checkpoint_now(evaluate_too=False)
+                    if stop.requested:
+                        raise Interrupted(saved=writer is not None)
+                    if out_of_time or run.step == stop_at_step:
+                        if out_of_time:
+                            log(f"time budget of {cfg.time_budget:g} min reached at {run.where()}")
+                        return
+                stats = position.stats
                 reason = divergence(run, stats)
         except Diverged as e:
             reason = str(e)
@@ -257,33 +407,15 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar) -> None:
             if not rollback:
                 raise Diverged(_stop_message(run, reason, writer))
             roll_back(run, last_good, reason, log)
-            bar.n = run.epoch
+            bar.n = run.step
             window = EpochStats()
             continue
         run.epoch += 1
+        run.position = None
         run.loss_level = min(run.loss_level, stats.nll_sum / max(stats.tokens, 1))
-        bar.update(1)
-        bar.set_postfix(ppl=f"{stats.ppl:.3f}")
-        window.add(stats)
-        train_minutes = (elapsed_before + time.perf_counter() - session_start) / 60
-        out_of_time = cfg.time_budget > 0 and train_minutes >= cfg.time_budget
-        if run.epoch % cfg.log_every == 0 or run.epoch == cfg.num_epochs or out_of_time:
-            val = evaluate.score_stream(run.backend, run.dataset.val)
-            improved = val["nats_per_token"] < run.best_val_nats
-            if improved:
-                run.best_val_nats, run.evals_since_best = val["nats_per_token"], 0
-            else:
-                run.evals_since_best += 1
-            run.elapsed_s = elapsed_before + time.perf_counter() - session_start
-            due = not cfg.sample_every or run.epoch % cfg.sample_every == 0 or run.epoch == cfg.num_epochs
-            run.records.append(make_record(run, stats, window, val, samples(run) if due else {}))
-            log(format_record(run.records[-1]))
-            if writer is not None or rollback:
-                last_good = make_checkpoint(run)
-            if writer is not None:
-                writer.save(last_good, run.records, best=improved)
-                _plot(run, writer.plot_path, log)
-            window = EpochStats()
+        out_of_time = cfg.time_budget > 0 and clock.elapsed() / 60 >= cfg.time_budget
+        if _due(run.epoch, evals, "epoch") or run.epoch == cfg.num_epochs or out_of_time:
+            checkpoint_now(evaluate_too=True)
             if cfg.patience and run.evals_since_best >= cfg.patience:
                 log(f"early stop at epoch {run.epoch}: no better held-out loss in {cfg.patience} "
                     f"evaluations (best {math.exp(run.best_val_nats):.3f} ppl, kept in {rundir.BEST_DIR}/)")
@@ -291,3 +423,23 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar) -> None:
             if out_of_time:
                 log(f"time budget of {cfg.time_budget:g} min reached at epoch {run.epoch}")
                 break
+        elif _due(run.epoch, saves, "epoch"):
+            checkpoint_now(evaluate_too=False)
+
+
+def _evaluate(run: Run, stats: EpochStats, window: EpochStats, log: Callable[[str], None]) -> bool:
+    """Score the held-out split, draw the samples that are due, append and log a record; whether the held-out
+    loss is the best so far."""
+    cfg = run.train_cfg
+    val = evaluate.score_stream(run.backend, run.dataset.val)
+    improved = val["nats_per_token"] < run.best_val_nats
+    if improved:
+        run.best_val_nats, run.evals_since_best = val["nats_per_token"], 0
+    else:
+        run.evals_since_best += 1
+    at_boundary = run.position is None
+    due = (not cfg.sample_every or (at_boundary and run.epoch % cfg.sample_every == 0)
+           or run.epoch == cfg.num_epochs)
+    run.records.append(make_record(run, stats, window, val, samples(run) if due else {}))
+    log(format_record(run.records[-1]))
+    return improved

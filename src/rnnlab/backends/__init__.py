@@ -21,7 +21,10 @@ the backend applies them with `update`: no caller changes a backend's arrays.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
+import re
 
 from ..errors import RnnlabError
 
@@ -65,11 +68,21 @@ def resolve_device(device: str, backend: str = "auto") -> str:
     return "cpu"
 
 
+DEVICES = "cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
 def check_device(device: str, backend: str = "auto") -> None:
-    """Refuse, before any work, a device this machine cannot run on: cpu, cuda and cuda:N only, checked
-    with jax for the jax backend and with torch otherwise."""
+    """Refuse, before any work, a device rnnlab does not run on (anything but auto, cpu, cuda and cuda:N,
+    whatever the backend: mps, MPS, cuda:x, '') or this machine lacks, checked with jax for the jax backend
+    and with torch otherwise. The numpy backend runs on the CPU only."""
+    if _DEVICE.fullmatch(device) is None:
+        raise RnnlabError(f"unknown device {device!r}: rnnlab runs on {DEVICES} (auto picks one)")
     if device in ("cpu", "auto"):
         return
+    if backend == "numpy":
+        raise RnnlabError(f"--device {device}: the numpy backend runs on the CPU only (--backend torch or jax "
+                          "for CUDA)")
     if backend == "jax":
         resolve(backend)                                 # JAX is installed, or the error naming the extra
         from .jax_backend import jax_device
@@ -88,6 +101,44 @@ def check_device(device: str, backend: str = "auto") -> None:
     if kind.index is not None and kind.index >= torch.cuda.device_count():
         raise RnnlabError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"numbered from 0")
+
+
+MAX_THREADS = 8
+
+
+@functools.cache
+def default_threads() -> int:
+    """Threads for torch's CPU kernels when none are given: the CPUs this process may run on, less the load
+    other processes put on them (the 1-minute load average, its share on these CPUs), at least 1 and at most
+    MAX_THREADS.
+
+    torch's own default, one thread per core, collapses on a busy machine: every parallel matmul waits for
+    its slowest thread, and a thread that waits for a core stalls them all (a GRU run fell from 63K to 423
+    tokens/s). Beyond about 8 threads the small matmuls of a recurrent step (B x H by H x H, one per time
+    step) stop scaling, so more only add contention. Computed once per process: by a later call (a
+    rollback's new backend) the process's own load would count against it."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0] * cpus / max(os.cpu_count() or cpus, cpus)
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(1, min(cpus - round(load), MAX_THREADS))
+
+
+def set_threads(threads: int, backend: str = "auto", device: str = "auto") -> int | None:
+    """Set the number of threads torch's CPU kernels use: `threads`, or with 0 `default_threads()`. Returns
+    the count set, or None where it does not apply (numpy, jax, or torch on a GPU)."""
+    if threads < 0:
+        raise RnnlabError(f"--threads must be >= 0, got {threads}")
+    if resolve(backend) != "torch" or resolve_device(device, "torch") != "cpu":
+        return None
+    import torch
+    count = threads or default_threads()
+    torch.set_num_threads(count)
+    return count
 
 
 def device_of(backend) -> str:
@@ -138,6 +189,7 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
     """
     name = resolve(name)
     device = resolve_device(device, name)
+    check_device(device, name)
     if name == "jax":
         if matmul_dtype != "same":
             raise RnnlabError("the jax backend computes in the parameters' dtype (no --matmul-dtype bfloat16)")
