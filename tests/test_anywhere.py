@@ -200,12 +200,28 @@ def test_default_threads_fits_the_cpus_and_the_load(monkeypatch):
     assert 1 <= default() <= min(cpus, backends.MAX_THREADS)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0), raising=False)
+    monkeypatch.setattr(backends, "other_runnable", lambda: 0)
     assert default() == backends.MAX_THREADS
-    monkeypatch.setattr(os, "getloadavg", lambda: (61.6, 0.0, 0.0), raising=False)
+    monkeypatch.setattr(backends, "other_runnable", lambda: 62)
     assert default() == 2
-    monkeypatch.setattr(os, "getloadavg", lambda: (500.0, 0.0, 0.0), raising=False)
+    monkeypatch.setattr(backends, "other_runnable", lambda: 500)
     assert default() == 1
+
+
+def test_other_runnable_counts_the_runnable_tasks_now_not_the_load_average(monkeypatch, tmp_path):
+    import builtins
+    real_open = builtins.open
+    fake = tmp_path / "loadavg"
+    fake.write_text("9.50 3.00 1.00 4/321 12345\n")        # a long-past load of 9.5; 4 runnable now
+
+    def open_(path, *args, **kwargs):
+        return real_open(fake if path == "/proc/loadavg" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    assert backends.other_runnable(samples=3, interval=0) == 3              # the other three, not 9.5
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 0.0, 0.0), raising=False)
+    assert backends.other_runnable() == 1.5
 
 
 def test_a_torch_run_sets_its_threads_and_resume_may_change_them(torch_threads, tmp_path):

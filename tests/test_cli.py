@@ -675,12 +675,13 @@ def test_deep_run_resumes_exactly(capsys, tmp_path, cell):
     argv[argv.index("lstm")] = cell
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run(capsys, "train", *argv, "--out", straight)[0] == 0
-    # interrupted after epoch 1 (the budget), then resumed: the cosine schedule's horizon stays 3 epochs
+    # stopped by the budget at its first step, mid-epoch, then resumed: the cosine schedule's horizon stays 3
+    # epochs, and the extra evaluation at the stop changes nothing that follows
     assert run(capsys, "train", *argv, "--time-budget", "1e-9", "--out", split)[0] == 0
-    assert [r["epoch"] for r in read_metrics(split)] == [1]
+    assert [r["step"] for r in read_metrics(split)] == [1]
     code, _, err = run(capsys, "train", *argv, "--time-budget", "0", "--out", split, "--resume")
     assert code == 0, err
-    a, b = read_metrics(straight), read_metrics(split)
+    a, b = read_metrics(straight), read_metrics(split)[1:]
     assert [r["val_ppl"] for r in a] == [r["val_ppl"] for r in b]
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
     assert weights_files(straight)[0].read_bytes() == weights_files(split)[0].read_bytes()
@@ -719,8 +720,8 @@ def test_time_budget_stops_and_saves(capsys, tmp_path):
     code, stdout, err = run(capsys, "train", *tiny(num_epochs=50, log_every=10), "--time-budget", "1e-9",
                             "--out", out)
     assert code == 0, err
-    assert "time budget" in stdout
-    assert [r["epoch"] for r in read_metrics(out)] == [1]
+    assert "time budget" in stdout and "reached at epoch 1, minibatch 1 (step 1)" in stdout
+    assert [(r["epoch"], r["step"]) for r in read_metrics(out)] == [(0, 1)]       # stopped at its first step
 
 
 @pytest.mark.parametrize("argv, fragment", [

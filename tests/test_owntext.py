@@ -145,9 +145,16 @@ def test_prompts_prefer_a_sentence_start_and_stop_at_a_word_boundary():
         assert prompt in raw and len(prompt) <= owntext.PROMPT_CHARS
 
 
+def test_prompts_of_a_text_without_line_breaks_start_at_words_spread_through_it():
+    d2l = ("the time machine by h g wells i the time traveller for so it will be convenient to speak of him was "
+           "expounding a recondite matter to us")                          # 135 characters: places 33 and 74
+    assert owntext.prompts(d2l) == ("time traveller for ", "to speak of ")
+
+
 @pytest.mark.parametrize("raw, expected", [
-    ("Hi there!", ("Hi there!",)),                        # very short: one prompt, no duplicate
-    ("a short text of 20ch", ("a short text ",)),
+    ("Hi there!", ("there!", "Hi there!")),               # very short: words after a quarter and over half
+    ("Hi!", ("Hi!",)),                                    # way in, else the start; never a duplicate
+    ("a short text of 20ch", ("text of 20ch", "of 20ch")),
     ("x" * 100, ("x" * 12,)),                             # no spaces
     ("这是第一句。这是第二句。" * 3, ("这是第一句。这是第二句。", "这是第二句。")),
     ("%\n%\n", ("%",)),                                   # no letters
@@ -181,7 +188,8 @@ def test_another_corpus_gets_the_text_preset_and_a_note():
     assert given == {"corpus": "roman.txt"}                       # the caller's dict is left alone
     assert data == {"corpus": "roman.txt", "preprocess": "unicode", "max_tokens": 0}
     assert model == presets.PRESETS["text"]["model"] and train["prefixes"] == ()
-    assert note.startswith("using the defaults for your own text (--preset text): unicode preprocessing, ")
+    assert note.startswith("using the defaults for your own text (--preset text; flags given override them): "
+                           "unicode preprocessing, all of the text, a 1-layer GRU (H=384), adam lr 0.004 ")
     assert note.endswith("; --preset book for the book's") and "\n" not in note
     assert presets.resolve(None, {"corpus": "war_of_the_worlds"}, {}, {})[0]["preprocess"] == "unicode"
     configs = DataConfig(**data), ModelConfig(**model), TrainConfig(**train)

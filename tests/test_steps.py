@@ -270,12 +270,12 @@ def test_resume_may_change_the_learning_rate_and_records_it(capsys, tmp_path):
 def test_resuming_a_run_that_used_its_time_budget_says_so(capsys, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", *TINY, "--out", str(out), "--num-epochs", "5", "--time-budget", "0.000001"]) == 0
-    assert checkpoint.load(out).epoch == 1
+    assert checkpoint.load(out).extra["step"] == 1
     capsys.readouterr()
     assert cli.main(["train", *TINY, "--out", str(out), "--num-epochs", "5", "--resume"]) == 0
     said = capsys.readouterr().out
     assert "already used its time budget" in said and "give a larger --time-budget" in said
-    assert checkpoint.load(out).epoch == 1
+    assert checkpoint.load(out).extra["step"] == 1
     assert cli.main(["train", *TINY, "--out", str(out), "--num-epochs", "5", "--resume", "--time-budget", "0"]) == 0
     ckpt = checkpoint.load(out)
     assert ckpt.epoch == 5 and [c["setting"] for c in ckpt.extra["changes"]] == ["time_budget"]
@@ -297,3 +297,75 @@ def test_a_damaged_position_is_one_clear_error(tmp_path, damage, fragment):
     with pytest.raises(RnnlabError, match="corrupt checkpoint") as e:
         checkpoint.load(tmp_path)
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ctrl_c_in_a_real_process_saves_and_says_where(tmp_path):
+    """SIGINT to a running `rnnlab train` process: exit 130, the step it names is the step on disk."""
+    import re
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "rnnlab", "train", *TINY, "--num-epochs", "100000", "--log-every", "100000",
+            "--out", str(out)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "RNNLAB_DATA": str(DATA)})
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("saving to"):
+            break
+    time.sleep(1.0)                                  # well into training: tiny epochs take milliseconds
+    proc.send_signal(signal.SIGINT)
+    err = "".join(lines) + proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    assert "Traceback" not in err
+    match = re.search(r"interrupted at epoch (\d+), minibatch (\d+) \(step (\d+)\); saved that step in", err)
+    assert match, err
+    ckpt = checkpoint.load(out)
+    assert ckpt.extra["step"] == int(match[3]) and ckpt.epoch == int(match[1]) - 1
+    assert ckpt.extra["position"]["batch"] == int(match[2])
+
+
+@pytest.mark.parametrize("tokens,epochs", [(400, 50), (1_000_000, 8), (3_000_000, 3), (50_000_000, 1)])
+def test_num_epochs_0_sizes_the_run_to_the_text(tokens, epochs):
+    from types import SimpleNamespace
+
+    from rnnlab import runstate
+    dataset = SimpleNamespace(train=np.zeros(tokens, np.uint8))
+    assert runstate.sized(TrainConfig(num_epochs=0), dataset).num_epochs == epochs
+    assert runstate.sized(TrainConfig(num_epochs=7), dataset).num_epochs == 7
+
+
+def test_own_text_defaults_and_the_preprocessing_report(capsys, tmp_path):
+    text = tmp_path / "roman.txt"
+    text.write_bytes("\ufeffÇa, c'était l'été à Paris. Élodie lisait près de la fenêtre.\n".encode() * 60)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--corpus", str(text), "--num-hiddens", "16", "--embed-size", "8", "--backend",
+                     "numpy", "--quiet", "--out", str(out), "--time-budget", "0", "--log-every", "25"]) == 0
+    err = capsys.readouterr().err
+    assert "using the defaults for your own text (--preset text" in err
+    assert "preprocessing removes" not in err                       # unicode keeps every character
+    ckpt = checkpoint.load(out)
+    assert {"é", "à", "Ç", "É", "ê"} <= set(ckpt.vocab) and "\ufeff" not in ckpt.vocab
+    train_cfg = ckpt.config["train"]
+    assert ckpt.config["data"]["preprocess"] == "unicode" and ckpt.config["data"]["max_tokens"] == 0
+    assert train_cfg["num_epochs"] == 50 and ckpt.epoch == 50                   # sized to a short text
+    assert train_cfg["prefixes"] and all(p in text.read_text() for p in train_cfg["prefixes"])
+    assert cli.main(["train", "--corpus", str(text), "--preprocess", "d2l", "--num-epochs", "1", "--backend",
+                     "numpy", "--quiet", "--no-save", "--num-hiddens", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "note: d2l preprocessing removes or replaces" in err and "--preprocess unicode keeps them" in err
+
+
+def test_denormals_are_flushed_only_while_a_torch_cpu_backend_works():
+    pytest.importorskip("torch")
+    from rnnlab import backends
+    from rnnlab.cells import init_params
+    tiny = np.array([1e-39], np.float32)                       # a float32 denormal
+    params = init_params(5, 4, np.random.default_rng(0), np.dtype(np.float32))
+    with backends.denormals_flushed(backends.make_backend("torch", params, device="cpu")):
+        assert (tiny * np.float32(1))[0] == 0                  # flushed, numpy included: the processor's mode
+    assert (tiny * np.float32(1))[0] == tiny[0]                # and restored after
+    with backends.denormals_flushed(backends.make_backend("numpy", params)):
+        assert (tiny * np.float32(1))[0] == tiny[0]            # other backends are left alone

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from . import __version__, presets
-from .backends import check_device, device_of, resolve_device, set_threads
+from .backends import check_device, denormals_flushed, device_of, resolve_device, set_threads
 from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 from .errors import RnnlabError
 from .fileio import dumps_json
@@ -281,7 +281,8 @@ def cmd_train(ns) -> int:
     try:
         # with --json, stdout carries only the result: log lines go to stderr
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if ns.json else None
-        records = training.fit(run, writer, log=log, progress=not ns.quiet)
+        with denormals_flushed(run.backend):
+            records = training.fit(run, writer, log=log, progress=not ns.quiet)
     except KeyboardInterrupt as e:
         print(f"rnnlab: interrupted at {run.where()}; {_saved(run, out, e)}", file=sys.stderr)
         return 130

@@ -94,7 +94,8 @@ class TrainConfig:
                                         "above its running level: stop (the last good checkpoint is kept) or "
                                         "rollback (go back to it, halve the learning rate and continue)",
                                 choices=("stop", "rollback"))
-    num_epochs: int = option(500, "train up to this epoch (with --resume: continue up to it)")
+    num_epochs: int = option(500, "train up to this epoch (with --resume: continue up to it); 0: sized to the "
+                                  "text, about 8M training tokens (1 to 50 epochs)")
     sampling: str = option("sequential", "minibatch sampling: sequential partitioning (streams that continue "
                                          "from one minibatch to the next), random (shuffled windows), or the "
                                          "early notebook's legacy-random and legacy-consecutive",
@@ -123,8 +124,8 @@ class TrainConfig:
     save_every: str = option("", "also checkpoint every N epochs or N steps between evaluations ('200steps'); "
                                  "a mid-epoch checkpoint resumes exactly (default: at each evaluation only)",
                              metavar="N[epochs|steps]")
-    time_budget: float = option(0.0, "stop after the epoch that takes this run's wall time (evaluation "
-                                     "included) past N minutes (0: no limit); that epoch is evaluated and saved",
+    time_budget: float = option(0.0, "stop at the minibatch that takes this run's wall time (evaluation "
+                                     "included) past N minutes (0: no limit); it is evaluated and saved there",
                                 metavar="MINUTES")
     prefixes: tuple[str, ...] = option(("time traveller", "traveller"), "prefixes sampled greedily at each log")
     num_preds: int = option(50, "characters generated per logged sample")
@@ -172,7 +173,7 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
     positive = {"--num-hiddens": model.num_hiddens, "--num-layers": model.num_layers,
                 "--lr-step-size": train.lr_step_size, "--lr-gamma": train.lr_gamma,
                 "--batch-size": train.batch_size,
-                "--num-steps": train.num_steps, "--num-epochs": train.num_epochs,
+                "--num-steps": train.num_steps,
                 "--log-every": train.log_every, "--lr": train.lr}
     for flag, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
@@ -183,6 +184,7 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
     _non_negative("--warmup-epochs", train.warmup_epochs)
     _non_negative("--patience", train.patience)
     _non_negative("--time-budget", train.time_budget)
+    _non_negative("--num-epochs", train.num_epochs)
     if not 0.0 <= model.dropout < 1.0:
         raise RnnlabError(f"--dropout must be in [0, 1), got {model.dropout}")
     if not 0.0 <= model.weight_drop < 1.0:

@@ -29,6 +29,7 @@ START_LOOKAHEAD = 1000      # line starts looked at for one that begins a senten
 _CHANGE_VERB = {"d2l": "lower-cases", "letters": "lower-cases", "legacy": "lower-cases", "unicode": "normalises"}
 _START = re.compile(r"(?:(?<=\n)|(?<=[.!?…]\s)|(?<=[。！？]))[ \t]*([^\W\d_])")   # a line or sentence's letter
 _NON_SPACE = re.compile(r"\S")
+_WORD_START = re.compile(r"(?<=\s)[^\W\d_]")                                      # a word's first letter
 _WORD = re.compile(r"\S+")
 
 
@@ -106,9 +107,9 @@ def report_line(report: dict) -> str | None:
         parts.append(f"removes or replaces {report['removed_share']:.1%} of the text's non-space characters "
                      f"({_listed(_removed_examples(report), report['removed'], shown=6)})")
     if report["changed"]:
-        what = f"{report['changed_share']:.1%}" if parts else \
-            f"{report['changed_share']:.1%} of the text's non-space characters"
-        parts.append(f"{verb} {what} ({_listed(report['top_changed'], report['changed'])})")
+        of_what = "" if parts else " of the text's non-space characters"
+        parts.append(f"{verb} {report['changed_share']:.1%}{of_what} "
+                     f"({_listed(report['top_changed'], report['changed'])})")
     keeps = "; --preprocess unicode keeps them" if mode != "unicode" else ""
     return f"{mode} preprocessing {' and '.join(parts)}{keeps}"
 
@@ -126,14 +127,21 @@ def _letter_start(padded: str, pos: int) -> int | None:
 
 
 def _prompt_start(raw: str, pos: int) -> int | None:
-    """Where the first line or sentence at or after `pos` starts with a letter (wrapping round to the
-    text's start), or failing that the first non-whitespace character; None for a blank text."""
+    """Where the prompt for place `pos` starts: the first line or sentence after it that starts with a
+    letter; else (a text with no line breaks or full stops after it, such as d2l's) the first word after it;
+    else, wrapping round, the first such beginning in the text, or its first non-whitespace character;
+    None for a blank text."""
     padded = "\n" + raw                  # the text's first character starts a line too
     start = _letter_start(padded, pos + 1)
-    start = _letter_start(padded, 0) if start is None else start
     if start is not None:
         return start - 1
-    match = _NON_SPACE.search(raw, pos) or _NON_SPACE.search(raw, 0)
+    match = _WORD_START.search(raw, pos)
+    if match:
+        return match.start()
+    start = _letter_start(padded, 0)
+    if start is not None:
+        return start - 1
+    match = _NON_SPACE.search(raw)
     return match.start() if match else None
 
 
@@ -155,8 +163,8 @@ def _prompt_at(raw: str, start: int) -> str:
 
 def prompts(raw: str, count: int = 2, seed: int = 0) -> tuple[str, ...]:
     """Up to `count` distinct prompts taken from the text: the first words of the lines or sentences that
-    start at or after 25% of the way in and then every 60%/count further (shifted by `seed`), all in the
-    first 90% of the text, the part a run trains on. Deterministic: the same text and seed give the same
+    begin at or after 25% of the way in, then every 60%/count further (shifted by `seed`; the places searched
+    from stay in the first 90%, the part a run trains on). Deterministic: the same text and seed give the same
     prompts. Fewer than `count` when the text has fewer distinct beginnings; () for a blank text."""
     if not isinstance(count, int) or count < 1:
         raise RnnlabError(f"the number of prompts must be a positive integer, got {count!r}")

@@ -48,10 +48,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "text": {        # a user's own text: keep every character, train on all of it, prompts from the text
         "data": {"preprocess": "unicode", "max_tokens": 0},
-        "model": {"cell": "lstm", "num_layers": 1, "embed_size": 64, "num_hiddens": 512, "dropout": 0.1,
+        "model": {"cell": "gru", "num_layers": 1, "embed_size": 64, "num_hiddens": 384, "dropout": 0.1,
                   "init": "uniform"},
-        "train": {"optimizer": "adam", "lr": 0.002, "schedule": "cosine", "num_epochs": 10, "batch_size": 32,
-                  "num_steps": 64, "log_every": 1, "prefixes": ()},
+        "train": {"optimizer": "adam", "lr": 0.004, "schedule": "cosine", "num_epochs": 0, "batch_size": 32,
+                  "num_steps": 64, "log_every": 1, "time_budget": 15.0, "prefixes": ()},
     },
 }
 BOOK_CORPUS = "timemachine"     # the corpus of the book's run, and of every preset that names none
@@ -69,10 +69,11 @@ def apply(name: str, data: dict, model: dict, train: dict) -> tuple[dict, dict, 
 def _text_note() -> str:
     """What `--preset text` sets, in one line, read from the preset itself."""
     data, model, train = (PRESETS["text"][part] for part in ("data", "model", "train"))
-    return (f"using the defaults for your own text (--preset text): {data['preprocess']} preprocessing, all of "
-            f"the text, a {model['num_layers']}-layer {model['cell'].upper()} with {model['num_hiddens']} hidden "
-            f"units, {train['optimizer']} at lr {train['lr']:g} with a {train['schedule']} schedule over "
-            f"{train['num_epochs']} epochs, prompts from the text; --preset book for the book's")
+    return (f"using the defaults for your own text (--preset text; flags given override them): "
+            f"{data['preprocess']} preprocessing, all of the text, a {model['num_layers']}-layer "
+            f"{model['cell'].upper()} (H={model['num_hiddens']}), {train['optimizer']} lr {train['lr']:g} "
+            f"{train['schedule']} over about 8M training tokens, at most {train['time_budget']:g} min, prompts "
+            "from the text; --preset book for the book's")
 
 
 def resolve(preset: str | None, data: dict, model: dict, train: dict) -> tuple[dict, dict, dict, str | None]:

@@ -210,9 +210,32 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     params = cells.init_params(len(dataset.vocab), model_cfg.num_hiddens, init_rng, np.dtype(train_cfg.dtype),
                                model_cfg.cell, model_cfg.num_layers, model_cfg.embed_size, model_cfg.init,
                                model_cfg.cell_variant)
-    train_cfg = with_prompts(train_cfg, dataset, data_cfg.token)
+    train_cfg = with_prompts(sized(train_cfg, dataset), dataset, data_cfg.token)
     return Run(data_cfg, model_cfg, train_cfg, dataset, _backend(params, model_cfg, train_cfg), data_rng,
-               _optimizer(train_cfg))
+               _optimizer(train_cfg), notes=preprocessing_notes(data_cfg, dataset))
+
+
+AUTO_TOKENS = 8_000_000          # training tokens of a run whose --num-epochs is 0 (sized to its text)
+AUTO_MAX_EPOCHS = 50
+
+
+def sized(train_cfg: TrainConfig, dataset: Dataset) -> TrainConfig:
+    """`train_cfg` with `num_epochs=0` replaced by the epochs that make about AUTO_TOKENS training tokens
+    (1 to AUTO_MAX_EPOCHS): a schedule that finishes in minutes on a CPU whatever the text's size."""
+    if train_cfg.num_epochs:
+        return train_cfg
+    epochs = min(max(round(AUTO_TOKENS / max(len(dataset.train), 1)), 1), AUTO_MAX_EPOCHS)
+    return dataclasses.replace(train_cfg, num_epochs=epochs)
+
+
+def preprocessing_notes(data_cfg: DataConfig, dataset: Dataset) -> list[str]:
+    """A note when the preprocessing mode drops or changes a large share of the text (owntext.report_line)."""
+    from . import owntext
+    if data_cfg.token != "char" or data_cfg.preprocess == "raw":
+        return []
+    raw = corpora.read_text(dataset.path)
+    line = owntext.report_line(owntext.preprocessing_report(raw, data_cfg.preprocess, data_cfg.token))
+    return [line] if line else []
 
 
 def resume_run(out, data: dict | None = None, model: dict | None = None, train: dict | None = None) -> Run:
@@ -239,6 +262,9 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
     data_cfg = dataclasses.replace(data_cfg, corpus=run_corpus(ckpt, out, data_cfg.data_dir,
                                                                changes["data"].get("corpus")))
     before, train_cfg = train_cfg, dataclasses.replace(train_cfg, **changes["train"])
+    if train_cfg.num_epochs == 0:
+        raise RnnlabError("--num-epochs 0 (sized to the text) is for a new run; a resumed run needs the epoch "
+                          "to continue up to")
     validate_sizes(data_cfg, model_cfg, train_cfg)
     limits.check_train(len(vocab), model_cfg, train_cfg)       # --num-preds may have changed
     dataset = load_dataset(data_cfg, vocab)
@@ -438,7 +464,7 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
     notes = _unknown_tokens(dataset, data_cfg, source, on_unknown)
     dtype = np.dtype(train_cfg.dtype)
     params = {k: v.astype(dtype) for k, v in ckpt.params.items()}
-    train_cfg = with_prompts(train_cfg, dataset, data_cfg.token)
+    train_cfg = with_prompts(sized(train_cfg, dataset), dataset, data_cfg.token)
     origin = {"checkpoint": str(Path(source).resolve()), "epoch": ckpt.epoch,
               "step": ckpt.extra.get("step"), "run_id": ckpt.extra.get("run_id"),
               "corpus_sha256": ckpt.extra.get("corpus_sha256")}

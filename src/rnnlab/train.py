@@ -387,8 +387,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
                                         f"{position.stats.tokens / max(position.stats.seconds, 1e-9):,.0f} tok/s",
                                         refresh=False)
                     due_eval = _due(run.step, evals, "step")
-                    out_of_time = (evals[1] == "step" and cfg.time_budget > 0
-                                   and clock.elapsed() / 60 >= cfg.time_budget)
+                    out_of_time = cfg.time_budget > 0 and clock.elapsed() / 60 >= cfg.time_budget
                     if due_eval or out_of_time:
                         checkpoint_now(evaluate_too=True)
                     elif stop.requested or _due(run.step, saves, "step") or run.step == stop_at_step:
