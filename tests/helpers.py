@@ -1,4 +1,7 @@
 """Small builders and checks shared by the tests."""
+import contextlib
+import io
+
 import numpy as np
 import pytest
 
@@ -100,3 +103,26 @@ def assert_weight_drop_is_an_argument(fast, params, V=5, B=2, T=3):
     for k in params:
         expected = ref_grads[k] * weight_masks[k] if k in weight_masks else ref_grads[k]
         assert rel_err(as_np(grads[k]), expected) < 1e-10, k
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """rnnlab.cli.main in process: (exit code, stdout, stderr); a usage error's SystemExit becomes its code."""
+    from rnnlab import cli
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line_error(code: int, err: str, *fragments: str, exit_code: int | None = None) -> str:
+    """The one line a failed command prints (no traceback), holding every fragment; returns it."""
+    assert code != 0 and (exit_code is None or code == exit_code), (code, err)
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

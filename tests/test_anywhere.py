@@ -1,7 +1,5 @@
 """Runs that work from anywhere (a corpus file is known by its absolute path and its SHA-256), torch's thread
 count (--threads), and one clear line for an unsupported device, a missing checkpoint and a tiny text."""
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -9,10 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from rnnlab import backends, cells, checkpoint, cli, corpora, runstate
+from rnnlab import backends, cells, checkpoint, corpora, runstate
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
 
+from helpers import one_line_error, run_cli as run
 from conftest import DATA  # noqa: E402  (the corpora folder: $RNNLAB_DATA or ../shared/data)
 
 TINY = ["--num-hiddens", "8", "--batch-size", "2", "--num-steps", "5", "--max-tokens", "300",
@@ -23,27 +22,6 @@ TINY = ["--num-hiddens", "8", "--batch-size", "2", "--num-steps", "5", "--max-to
 def corpora_present():
     if not (DATA / "timemachine.txt").is_file():
         pytest.skip(f"corpora not found at {DATA}")
-
-
-def run(*argv) -> tuple[int, str, str]:
-    """cli.main in process: (exit code, stdout, stderr); a usage error's SystemExit becomes its code."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line_error(code: int, err: str, *fragments: str) -> str:
-    assert code == 1, (code, err)
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def book_text(size: int = 3000) -> str:

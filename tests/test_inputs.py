@@ -3,8 +3,6 @@ for memory or for int64, an n-gram order too large to count, devices that are no
 with '-', a corpus file with the wrong hash, Ctrl-C at start-up, and scores a model should never produce.
 Each ends in one clear line on stderr (or a number that means something), never a traceback or a hang."""
 import argparse
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -22,6 +20,7 @@ from rnnlab import cells, checkpoint, cli, corpora, generate, limits, ngram, opt
 from rnnlab.config import ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
 
+from helpers import one_line_error, run_cli as run
 from conftest import DATA  # noqa: E402
 
 TINY = ["--num-hiddens", "8", "--batch-size", "2", "--num-steps", "4", "--max-tokens", "200", "--num-epochs", "1",
@@ -32,27 +31,6 @@ TINY = ["--num-hiddens", "8", "--batch-size", "2", "--num-steps", "4", "--max-to
 def corpora_present():
     if not (DATA / "timemachine.txt").is_file():
         pytest.skip(f"corpora not found at {DATA}")
-
-
-def run(*argv) -> tuple[int, str, str]:
-    """cli.main in process: (exit code, stdout, stderr); a usage error's SystemExit becomes its code."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line_error(code: int, err: str, *fragments: str, exit_code: int | None = None) -> str:
-    assert code != 0 and (exit_code is None or code == exit_code), (code, err)
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def strict_json(text: str):

@@ -4,6 +4,7 @@ directory, starting from a trained model (--init-from), and the settings a resum
 import dataclasses
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -301,7 +302,6 @@ def test_a_damaged_position_is_one_clear_error(tmp_path, damage, fragment):
 
 def test_ctrl_c_in_a_real_process_saves_and_says_where(tmp_path):
     """SIGINT to a running `rnnlab train` process: exit 130, the step it names is the step on disk."""
-    import re
     import subprocess
     import sys
     import time
@@ -369,3 +369,50 @@ def test_denormals_are_flushed_only_while_a_torch_cpu_backend_works():
     assert (tiny * np.float32(1))[0] == tiny[0]                # and restored after
     with backends.denormals_flushed(backends.make_backend("numpy", params)):
         assert (tiny * np.float32(1))[0] == tiny[0]            # other backends are left alone
+
+
+def test_a_compiled_run_says_it_is_compiling_before_its_slow_first_step(monkeypatch):
+    pytest.importorskip("torch")
+    cfg = dataclasses.replace(BASE, backend="torch", torch_impl="compile")
+    run = train.new_run(DATA_CFG, ModelConfig(num_hiddens=8, cell="gru"), cfg)
+    lines = []
+
+    def first_step(*args, **kwargs):
+        assert lines and lines[0].startswith("compiling the training step with torch.compile")
+        raise KeyboardInterrupt                       # the line came first; no need to compile here
+        yield
+
+    monkeypatch.setattr(train, "epoch_steps", first_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(run, None, progress=False, log=lines.append)
+    assert len(lines) == 1
+
+
+def test_the_progress_bar_counts_minibatches_with_epoch_perplexity_and_speed(monkeypatch, tmp_path):
+    import tqdm.auto
+    bars = []
+
+    class Bar:
+        def __init__(self, total, initial, unit, **kwargs):
+            self.total, self.n, self.unit, self.postfix = total, initial, unit, []
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix.append(text)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model, cfg = _configs("rnn sequential (carried state)")
+    train.fit(train.new_run(DATA_CFG, model, cfg), tmp_path / "a", stop_at_step=25, progress=True,
+              log=lambda s: None)
+    resumed = train.resume_run(tmp_path / "a")
+    train.fit(resumed, tmp_path / "a", progress=True, log=lambda s: None)
+    first, second = bars
+    assert (first.unit, first.total, first.n) == ("step", 2 * 19, 25)
+    assert (second.total, second.n) == (38, 38) and len(second.postfix) == 13      # resumed at step 25
+    assert re.fullmatch(r"epoch 2/2  ppl \d+\.\d{3}  [\d,]+ tok/s", second.postfix[-1])
