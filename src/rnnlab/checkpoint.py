@@ -4,8 +4,9 @@ A checkpoint directory holds
 
     checkpoint.json                      config, vocab, epoch, RNG state, optimizer state, data identity,
                                          and the name and SHA-256 of the weights file
-    weights-e000500-<hash>.safetensors   the parameters, under the book's names, and the optimizer's
-                                         buffers (momentum, Adam moments) as "optimizer.<buffer>.<name>"
+    weights-e000500-<hash>.safetensors   the parameters, under the book's names, the optimizer's buffers
+                                         (momentum, Adam moments) as "optimizer.<buffer>.<name>", and in a
+                                         checkpoint taken mid-epoch the carried hidden state as "state"
 
 The weights file is named by its content and written first; `checkpoint.json` is then replaced
 atomically. A crash at any point leaves `checkpoint.json` naming a complete weights file: the new

@@ -4,9 +4,11 @@ run directory, saved into a checkpoint and restored from one.
 Shape legend: B = batch_size, T = num_steps, V = vocab_size, H = num_hiddens.
 
 A new run draws its initial weights and its data order from two generators spawned from one seed, so every
-backend and dtype starts from the same weights. A resumed run takes back everything a straight run would
-have at that epoch: weights, optimizer buffers, the data-order RNG, the records, the early-stopping and
-divergence counters; settings that would change what it computes are refused.
+backend and dtype starts from the same weights; `start_from` builds a new run on another run's weights and
+vocabulary instead (fine-tuning). A resumed run takes back everything a straight run would have at that
+point, an epoch's end or mid-epoch (`Position`): weights, optimizer buffers, the data-order RNG, the
+records, the early-stopping and divergence counters; settings that would change what it computed are
+refused, and the ones that steer it from then on are recorded where they change.
 """
 from __future__ import annotations
 
