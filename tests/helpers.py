@@ -126,3 +126,10 @@ def one_line_error(code: int, err: str, *fragments: str, exit_code: int | None =
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def sigint_as_at_a_terminal() -> None:
+    """A subprocess's preexec_fn: Ctrl-C handled as at an interactive terminal, even when these tests run in
+    the background, where a shell starts them with SIGINT ignored (and children inherit that)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

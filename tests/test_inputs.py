@@ -20,7 +20,7 @@ from rnnlab import cells, checkpoint, cli, corpora, generate, limits, ngram, opt
 from rnnlab.config import ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
 
-from helpers import one_line_error, run_cli as run
+from helpers import one_line_error, run_cli as run, sigint_as_at_a_terminal
 from conftest import DATA  # noqa: E402
 
 TINY = ["--num-hiddens", "8", "--batch-size", "2", "--num-steps", "4", "--max-tokens", "200", "--num-epochs", "1",
@@ -384,7 +384,8 @@ def _interrupt_during_imports(argv: list[str]) -> tuple[int, str]:
     """Start `argv` with import timing on stderr; send SIGINT as soon as rnnlab loads a module of its own
     beyond the package and its tiny entry module, i.e. while the command line is being imported."""
     proc = subprocess.Popen([sys.executable, "-X", "importtime", *argv], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=sigint_as_at_a_terminal)
     seen = []
     for raw in proc.stderr:
         line = raw.decode(errors="replace")

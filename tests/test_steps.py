@@ -15,6 +15,7 @@ from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
 
 from conftest import DATA
+from helpers import sigint_as_at_a_terminal
 
 DATA_CFG = DataConfig(max_tokens=400)
 BASE = TrainConfig(batch_size=4, num_steps=5, num_epochs=2, log_every=1, backend="numpy", num_preds=3,
@@ -309,7 +310,7 @@ def test_ctrl_c_in_a_real_process_saves_and_says_where(tmp_path):
     argv = [sys.executable, "-m", "rnnlab", "train", *TINY, "--num-epochs", "100000", "--log-every", "100000",
             "--out", str(out)]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "RNNLAB_DATA": str(DATA)})
+                            env={**os.environ, "RNNLAB_DATA": str(DATA)}, preexec_fn=sigint_as_at_a_terminal)
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -416,3 +417,17 @@ def test_the_progress_bar_counts_minibatches_with_epoch_perplexity_and_speed(mon
     assert (first.unit, first.total, first.n) == ("step", 2 * 19, 25)
     assert (second.total, second.n) == (38, 38) and len(second.postfix) == 13      # resumed at step 25
     assert re.fullmatch(r"epoch 2/2  ppl \d+\.\d{3}  [\d,]+ tok/s", second.postfix[-1])
+
+
+def test_a_process_told_to_ignore_ctrl_c_keeps_ignoring_it(monkeypatch, tmp_path):
+    """Started in the background by a shell, a run inherits SIGINT ignored: training goes on to the end."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(train, "epoch_steps", _interrupting(after=3))
+        model, cfg = _configs("rnn sequential (carried state)")
+        run = train.new_run(DATA_CFG, model, cfg)
+        train.fit(run, tmp_path, **QUIET)
+        assert run.epoch == cfg.num_epochs
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -261,7 +261,10 @@ class StopRequest:
         self._log("stopping after this minibatch to save it (Ctrl-C again to stop at once, unsaved)")
 
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
+        # outside the main thread no handler can be set; a process told to ignore Ctrl-C (started in the
+        # background by a shell, say) keeps ignoring it, as Python itself does
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
