@@ -128,8 +128,17 @@ def one_line_error(code: int, err: str, *fragments: str, exit_code: int | None =
     return lines[0]
 
 
-def sigint_as_at_a_terminal() -> None:
-    """A subprocess's preexec_fn: Ctrl-C handled as at an interactive terminal, even when these tests run in
-    the background, where a shell starts them with SIGINT ignored (and children inherit that)."""
+@contextlib.contextmanager
+def sigint_as_at_a_terminal():
+    """Subprocesses started inside get Ctrl-C as at an interactive terminal, even when these tests run in the
+    background, where a shell starts them with SIGINT ignored (which a child would inherit; a handler set
+    in this process is reset to the default in the child)."""
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

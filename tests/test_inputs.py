@@ -383,9 +383,9 @@ def _console_script() -> str:
 def _interrupt_during_imports(argv: list[str]) -> tuple[int, str]:
     """Start `argv` with import timing on stderr; send SIGINT as soon as rnnlab loads a module of its own
     beyond the package and its tiny entry module, i.e. while the command line is being imported."""
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", *argv], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=sigint_as_at_a_terminal)
+    with sigint_as_at_a_terminal():
+        proc = subprocess.Popen([sys.executable, "-X", "importtime", *argv], stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = []
     for raw in proc.stderr:
         line = raw.decode(errors="replace")

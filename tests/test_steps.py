@@ -42,6 +42,13 @@ def needs_corpus():
         pytest.skip(f"corpora not found at {DATA}")
 
 
+@pytest.fixture(autouse=True)
+def terminal_ctrl_c():
+    """Ctrl-C as at a terminal, also when the tests run in the background with SIGINT ignored."""
+    with sigint_as_at_a_terminal():
+        yield
+
+
 def _configs(case: str):
     model, cfg = CASES[case]
     if cfg.get("backend") == "torch":
@@ -309,8 +316,9 @@ def test_ctrl_c_in_a_real_process_saves_and_says_where(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "rnnlab", "train", *TINY, "--num-epochs", "100000", "--log-every", "100000",
             "--out", str(out)]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "RNNLAB_DATA": str(DATA)}, preexec_fn=sigint_as_at_a_terminal)
+    with sigint_as_at_a_terminal():
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "RNNLAB_DATA": str(DATA)})
     lines = []
     for line in proc.stderr:
         lines.append(line)
