@@ -229,7 +229,7 @@ def _state_shape(extra: dict, model_cfg, train_cfg) -> tuple[int, ...] | None:
     position = extra.get("position")
     if position is None or not position["carried_state"]:
         return None
-    slices = model_cfg.num_layers * (2 if model_cfg.cell == "lstm" else 1)
+    slices = cells.Arch(model_cfg.cell, model_cfg.num_layers).num_state_slices
     return (slices, train_cfg.batch_size, model_cfg.num_hiddens)
 
 

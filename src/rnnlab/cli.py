@@ -400,7 +400,7 @@ def _eval_tokens(ns, m, own: DataConfig | None):
     if ns.corpus:
         data_cfg = dataclasses.replace(m.data_cfg, corpus=ns.corpus, data_dir=ns.data_dir or m.data_cfg.data_dir)
     if ns.split == "all":
-        tokens, _, path, _ = encode(data_cfg, m.vocab)
+        tokens, _, path, _, _ = encode(data_cfg, m.vocab)
         return tokens, path
     max_tokens = data_cfg.max_tokens if ns.split == "train" else -1
     ds = load_dataset(dataclasses.replace(data_cfg, max_tokens=max_tokens), m.vocab)

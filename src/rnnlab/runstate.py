@@ -36,13 +36,17 @@ class Dataset:
     vocab: text.Vocab
     path: Path
     sha256: str
+    notes: list[str] = field(default_factory=list)      # what the preprocessing report had to say
 
 
-def encode(cfg: DataConfig, vocab: text.Vocab | None = None) -> tuple[np.ndarray, text.Vocab, Path, str]:
-    """(tokens, vocab, file, sha256): the whole corpus read, preprocessed and encoded (with `vocab`, or one built
-    over the whole text as the book does; `legacy` preprocessing builds the early notebook's, over the training
-    text only), with the absolute path of the file it came from and the SHA-256 of its bytes."""
+def encode(cfg: DataConfig, vocab: text.Vocab | None = None,
+           report: bool = False) -> tuple[np.ndarray, text.Vocab, Path, str, list[str]]:
+    """(tokens, vocab, file, sha256, notes): the whole corpus read, preprocessed and encoded (with `vocab`, or
+    one built over the whole text as the book does; `legacy` preprocessing builds the early notebook's, over the
+    training text only), with the absolute path of the file it came from, the SHA-256 of its bytes and, with
+    `report`, a note when the preprocessing drops or changes a large share of the text."""
     raw, path, digest = corpora.load(cfg.corpus, cfg.data_dir)
+    notes = preprocessing_notes(cfg, raw) if report else []
     try:
         if cfg.preprocess == "legacy" and vocab is None:
             tokens = text.tokenize(text.preprocess(raw, "legacy", cfg.token), cfg.token)
@@ -50,14 +54,14 @@ def encode(cfg: DataConfig, vocab: text.Vocab | None = None) -> tuple[np.ndarray
         corpus, vocab = text.load_corpus(raw, cfg.preprocess, cfg.token, vocab=vocab)
     except RnnlabError as e:
         raise RnnlabError(f"{path}: {e}") from None
-    return corpus, vocab, path.resolve(), digest
+    return corpus, vocab, path.resolve(), digest, notes
 
 
-def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None) -> Dataset:
+def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool = False) -> Dataset:
     """Read, preprocess, encode (see `encode`) and split."""
-    corpus, vocab, path, digest = encode(cfg, vocab)
+    corpus, vocab, path, digest, notes = encode(cfg, vocab, report)
     train, val = evaluate.split(corpus, cfg.val_fraction, cfg.max_tokens)
-    return Dataset(train, val, vocab, path, digest)
+    return Dataset(train, val, vocab, path, digest, notes)
 
 
 def run_corpus(ckpt: checkpoint.Checkpoint, where, data_dir: str | None = None, given: str | None = None) -> str:
@@ -205,7 +209,7 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     """Load the data and initialise the parameters from the seed (the book's scheme by default)."""
     validate_sizes(data_cfg, model_cfg, train_cfg)
     data_cfg = dataclasses.replace(data_cfg, corpus=corpora.canonical(data_cfg.corpus))
-    dataset = load_dataset(data_cfg)
+    dataset = load_dataset(data_cfg, report=True)
     _check_trainable(dataset, train_cfg)
     limits.check_train(len(dataset.vocab), model_cfg, train_cfg)       # before any big allocation
     init_rng, data_rng = _generators(train_cfg.seed)
@@ -214,7 +218,7 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
                                model_cfg.cell_variant)
     train_cfg = with_prompts(sized(train_cfg, dataset), dataset, data_cfg.token)
     return Run(data_cfg, model_cfg, train_cfg, dataset, _backend(params, model_cfg, train_cfg), data_rng,
-               _optimizer(train_cfg), notes=preprocessing_notes(data_cfg, dataset))
+               _optimizer(train_cfg), notes=list(dataset.notes))
 
 
 AUTO_TOKENS = 8_000_000          # training tokens of a run whose --num-epochs is 0 (sized to its text)
@@ -230,12 +234,11 @@ def sized(train_cfg: TrainConfig, dataset: Dataset) -> TrainConfig:
     return dataclasses.replace(train_cfg, num_epochs=epochs)
 
 
-def preprocessing_notes(data_cfg: DataConfig, dataset: Dataset) -> list[str]:
+def preprocessing_notes(data_cfg: DataConfig, raw: str) -> list[str]:
     """A note when the preprocessing mode drops or changes a large share of the text (owntext.report_line)."""
     from . import owntext
     if data_cfg.token != "char" or data_cfg.preprocess == "raw":
         return []
-    raw = corpora.read_text(dataset.path)
     line = owntext.report_line(owntext.preprocessing_report(raw, data_cfg.preprocess, data_cfg.token))
     return [line] if line else []
 
@@ -391,7 +394,7 @@ def checkpoint_step(ckpt: checkpoint.Checkpoint, train_tokens: int, cfg: TrainCo
     """The step of a checkpoint (one written before steps were counted: its epochs' worth of minibatches)."""
     if "step" in ckpt.extra:
         return ckpt.extra["step"]
-    return ckpt.epoch * max((train_tokens - 1) // (cfg.batch_size * cfg.num_steps), 1)
+    return ckpt.epoch * samplers.batches_per_epoch(train_tokens, cfg.batch_size, cfg.num_steps)
 
 
 def restore(run: Run, ckpt: checkpoint.Checkpoint) -> None:

@@ -96,3 +96,9 @@ def min_tokens(batch_size: int, num_steps: int, sampling: str) -> int:
         return batch_size * (num_steps + 1) + num_steps - 1
     largest_offset = num_steps - 1 if sampling == "random" else num_steps
     return batch_size * num_steps + largest_offset + 1
+
+
+def batches_per_epoch(num_tokens: int, batch_size: int, num_steps: int) -> int:
+    """About how many minibatches an epoch of `num_tokens` has (the exact count depends on the offset
+    drawn): what the learning-rate schedule, the progress bar and step counts measure an epoch in."""
+    return max((num_tokens - 1) // (batch_size * num_steps), 1)

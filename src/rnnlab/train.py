@@ -57,9 +57,8 @@ def learning_rate(cfg: TrainConfig, epoch: float) -> float:
 
 
 def batches_per_epoch(num_tokens: int, cfg: TrainConfig) -> int:
-    """About how many minibatches an epoch of `num_tokens` has (the exact count depends on the offset
-    drawn): what the learning-rate schedule and the progress bar count an epoch's progress in."""
-    return max((num_tokens - 1) // (cfg.batch_size * cfg.num_steps), 1)
+    """samplers.batches_per_epoch for a run's batch size and steps."""
+    return samplers.batches_per_epoch(num_tokens, cfg.batch_size, cfg.num_steps)
 
 
 def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
@@ -356,7 +355,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
     def checkpoint_now(evaluate_too: bool) -> None:
         """Evaluate (and log) or only checkpoint the state just reached, once the divergence check passed."""
         nonlocal last_good, window
-        reason = divergence(run, run.position.stats if run.position is not None else stats)
+        reason = divergence(run, stats_so_far())
         if reason is not None:
             raise Diverged(reason)
         run.elapsed_s = clock.elapsed()
