@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rnnlab import cells, checkpoint, cli, corpora, generate, limits, ngram, optim, presets
+from rnnlab import cells, checkpoint, cli, corpora, decoding, limits, ngram, optim, presets
 from rnnlab.config import ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
 
@@ -96,9 +96,9 @@ def test_integers_beyond_int64_are_refused(argv):
 
 
 def test_json_output_is_strict(trained):
-    for argv in (["eval", "--checkpoint", trained.out, "--backend", "numpy"],
+    for argv in (["eval", "--checkpoint", trained.out, "--backend", "numpy", "--json"],
                  ["generate", "--checkpoint", trained.out, "--json", "--backend", "numpy"],
-                 ["baseline", "--order", "2", "--max-tokens", "1000"],
+                 ["baseline", "--order", "2", "--max-tokens", "1000", "--json"],
                  ["corpora", "--json"]):
         code, out, err = run(*argv)
         assert code == 0, err
@@ -108,7 +108,7 @@ def test_json_output_is_strict(trained):
 
 def test_a_nan_checkpoint_gives_null_or_one_line(trained):
     """A checkpoint whose weights are NaN: eval prints strict JSON (perplexity null) or refuses the file."""
-    code, out, err = run("eval", "--checkpoint", trained.nan, "--backend", "numpy")
+    code, out, err = run("eval", "--checkpoint", trained.nan, "--backend", "numpy", "--json")
     if code == 0:
         result = strict_json(out)
         assert result["perplexity"] is None and result["nats_per_token"] is None
@@ -126,14 +126,14 @@ def test_tiny_temperature_is_the_argmax_over_the_allowed_tokens():
     logits = np.array([[9.0, 1.0, 3.0, 2.0], [50.0, -1.0, -1.0 + 1e-9, -7.0]] * 100)
     for temperature in (1e-310, 5e-324, 1e-30):
         with np.errstate(all="raise"):          # no warning escapes either
-            picked = generate.pick(logits, temperature, np.random.default_rng(0), never=[0])
+            picked = decoding.pick(logits, temperature, np.random.default_rng(0), never=[0])
         assert picked.tolist() == [2, 2] * 100
 
 
 def test_huge_temperature_is_uniform_over_the_allowed_tokens():
     logits = np.tile([1e300, -1e300, 0.0, 5.0], (4000, 1))
     with np.errstate(all="raise"):
-        picked = generate.pick(logits, 1e308, np.random.default_rng(0), never=[0])
+        picked = decoding.pick(logits, 1e308, np.random.default_rng(0), never=[0])
     counts = np.bincount(picked, minlength=4)
     assert counts[0] == 0 and all(1200 < c < 1470 for c in counts[1:]), counts
 
@@ -146,8 +146,11 @@ def test_unk_is_never_emitted_even_when_the_model_prefers_it(temperature):
         logits = np.tile([4.0, 1.0, 0.5, 0.0], (len(token_ids), 1))
         return logits, state
 
+    from rnnlab.config import DataConfig, ModelConfig
+    from rnnlab.lm import LM
     model = SimpleNamespace(decoder=lambda: step, begin_state=lambda b: np.zeros((1, b)))
-    texts = generate.predict(model, Vocab("abc"), "a", 30, temperature, np.random.default_rng(0), 16)
+    lm = LM(model, Vocab("abc"), DataConfig(preprocess="raw"), ModelConfig())
+    texts = lm.generate("a", num_preds=30, temperature=temperature, num_samples=16)
     assert all("<unk>" not in t and len(t) == 31 for t in texts)
 
 
@@ -160,7 +163,7 @@ def test_non_finite_scores_are_an_error(bad, temperature):
         return logits, state
 
     with pytest.raises(RnnlabError, match="non-finite scores"):
-        generate.generate(step, np.zeros((1, 3)), [1], 5, temperature, np.random.default_rng(0), [0])
+        decoding.generate(step, np.zeros((1, 3)), [1], 5, temperature, np.random.default_rng(0), [0])
 
 
 def test_bad_temperatures_and_an_unusable_vocabulary():
@@ -169,9 +172,9 @@ def test_bad_temperatures_and_an_unusable_vocabulary():
 
     for temperature in (np.inf, np.nan, -1e-300):
         with pytest.raises(RnnlabError, match="temperature"):
-            generate.generate(step, np.zeros((1, 1)), [0], 3, temperature)
+            decoding.generate(step, np.zeros((1, 1)), [0], 3, temperature)
     with pytest.raises(RnnlabError, match="no token may be generated"):
-        generate.generate(step, np.zeros((1, 1)), [0], 3, never_sample=[0])
+        decoding.generate(step, np.zeros((1, 1)), [0], 3, never_sample=[0])
 
 
 # --- sizes: checked against the machine's memory before anything is allocated -----------------------
@@ -267,12 +270,12 @@ def test_format_bytes_stays_short():
 @pytest.mark.parametrize("flag, value", [("--num-chars", 10 ** 12), ("--num-samples", 10 ** 12),
                                          ("--num-chars", 2 ** 63 - 1)])
 def test_generate_refuses_sizes_that_cannot_fit(trained, flag, value, monkeypatch):
-    from rnnlab import generate
+    from rnnlab import decoding
 
     def never(*args, **kwargs):
         pytest.fail("decoding started before the size was checked")
 
-    monkeypatch.setattr(generate, "predict", never)
+    monkeypatch.setattr(decoding, "stream", never)
     code, out, err = run("generate", "--checkpoint", trained.out, "--backend", "numpy", flag, value)
     one_line_error(code, err, f"{flag} {value}", "GiB", exit_code=1)
     assert out == ""
@@ -328,7 +331,7 @@ def test_cuda_without_cuda_is_one_line():
 
 def test_dash_prefix_hint_and_equals_form(trained):
     code, out, err = run("generate", "--checkpoint", trained.out, "--prefix", "-abc")
-    one_line_error(code, err, "--prefix=-abc", exit_code=2)
+    one_line_error(code, err, "--prompt=-abc", exit_code=2)
     code, out, err = run("generate", "--checkpoint", trained.out, "--backend", "numpy", "--num-chars", "5",
                          "--prefix=-abc", "--json")
     assert code == 0, err
@@ -364,7 +367,7 @@ def test_import_rnnlab_is_light_and_the_public_api_works():
             "from rnnlab import DataConfig, GenerateConfig, ModelConfig, RnnlabError, TrainConfig, Vocab, "
             "load_corpus, preprocess, tokenize, __version__; from rnnlab import *; "
             "assert all(getattr(rnnlab, n) is not None for n in rnnlab.__all__) and 'Vocab' in dir(rnnlab); "
-            "from rnnlab import generate; print(light, load_corpus('ab ab')[1].idx_to_token)")
+            "from rnnlab import decoding; print(light, load_corpus('ab ab')[1].idx_to_token)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split(None, 1) == ["True", "['<unk>', 'a', 'b', ' ']\n"]

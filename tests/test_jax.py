@@ -19,7 +19,7 @@ from conftest import DATA
 from helpers import (ARCHS, assert_dynamic_evaluation_agrees, random_batch, random_params, random_state, rel_err,
                      reversed_load)
 
-from rnnlab import backends, cells, checkpoint, cli, evaluate, generate, network, optim, train
+from rnnlab import backends, cells, checkpoint, cli, evaluate, decoding, network, optim, train
 from rnnlab.backends import check_device, make_backend, resolve_device
 from rnnlab.backends.jax_backend import JaxBackend, jax_has_gpu
 from rnnlab.backends.numpy_backend import NumpyBackend
@@ -233,7 +233,7 @@ def test_scoring_decoding_and_dynamic_evaluation_agree(arch):
     assert rel_err(nll_ref, nll_fast) < 1e-10
     assert fast.begin_state(1).shape == (ref.arch.num_state_slices, 1, H)
     for temperature in (0.0, 0.8):                      # greedy, then sampled from the same seed
-        outs = [generate.generate(b.decoder(), b.begin_state(3), [1, 2, 3], 20, temperature,
+        outs = [decoding.generate(b.decoder(), b.begin_state(3), [1, 2, 3], 20, temperature,
                                   np.random.default_rng(5)) for b in (ref, fast)]
         np.testing.assert_array_equal(*outs)
     assert_dynamic_evaluation_agrees(ref, fast, tokens)

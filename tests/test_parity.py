@@ -8,7 +8,7 @@ import pytest
 
 from helpers import (ARCHS, as_np, assert_bf16_close, assert_weight_drop_is_an_argument, random_batch, random_params,
                      random_state, rel_err)
-from rnnlab import cells, evaluate, generate, network, optim
+from rnnlab import cells, evaluate, decoding, network, optim
 from rnnlab.backends import make_backend
 from rnnlab.errors import RnnlabError
 from rnnlab.backends.numpy_backend import NumpyBackend
@@ -124,8 +124,8 @@ def test_scoring_and_decoding_agree(device):
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-10)
     for backend in (ref, fast):
         assert backend.begin_state(1).shape == (1, 1, H)
-    out_ref = generate.generate(ref.step, ref.begin_state(3), [1, 2, 3], 20)
-    out_fast = generate.generate(fast.step, fast.begin_state(3), [1, 2, 3], 20)
+    out_ref = decoding.generate(ref.step, ref.begin_state(3), [1, 2, 3], 20)
+    out_fast = decoding.generate(fast.step, fast.begin_state(3), [1, 2, 3], 20)
     np.testing.assert_array_equal(out_ref, out_fast)
 
 
@@ -213,7 +213,7 @@ def test_deep_and_gated_networks_agree_with_dropout(arch, dtype, device):
     tokens = np.random.default_rng(3).integers(0, V, 80)
     ppl = [evaluate.score_stream(b, tokens, chunk=32)["perplexity"] for b in (ref, fast)]
     assert ppl[0] == pytest.approx(ppl[1], rel=tol)
-    outs = [generate.generate(b.decoder(), b.begin_state(2), [1, 2], 10) for b in (ref, fast)]
+    outs = [decoding.generate(b.decoder(), b.begin_state(2), [1, 2], 10) for b in (ref, fast)]
     np.testing.assert_array_equal(*outs)
 
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import (ARCHS, as_np, assert_bf16_close, assert_dynamic_evaluation_agrees,
                      assert_weight_drop_is_an_argument, random_batch, random_params, random_state, rel_err,
                      reversed_load)
-from rnnlab import cells, checkpoint, evaluate, generate, network, optim, train
+from rnnlab import cells, checkpoint, evaluate, decoding, network, optim, train
 from rnnlab.backends import make_backend
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig
@@ -231,9 +231,9 @@ def test_scoring_decoding_and_dynamic_evaluation_agree(arch):
     a, b = evaluate.score_stream(ref, tokens, chunk=64), evaluate.score_stream(fast, tokens, chunk=100)
     assert a["tokens"] == b["tokens"] == 299 and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-10)
     assert fast.begin_state(2).shape == (ref.arch.num_state_slices, 2, H)
-    outs = [generate.generate(bk.decoder(), bk.begin_state(2), [1, 2], 12) for bk in (ref, fast)]
+    outs = [decoding.generate(bk.decoder(), bk.begin_state(2), [1, 2], 12) for bk in (ref, fast)]
     np.testing.assert_array_equal(*outs)
-    sampled = [generate.generate(bk.decoder(), bk.begin_state(3), [4], 15, temperature=0.8,
+    sampled = [decoding.generate(bk.decoder(), bk.begin_state(3), [4], 15, temperature=0.8,
                                  rng=np.random.default_rng(9)) for bk in (ref, fast)]
     np.testing.assert_array_equal(*sampled)
     assert_dynamic_evaluation_agrees(ref, fast, tokens)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cells, corpora, generate, optim, text
+from . import cells, corpora, decoding, optim, text
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None) -> dict:
     model = NumpyBackend(params)
     for label, batch, temperature in (("rnnlab greedy, batch 1", 1, 0.0), ("rnnlab sampled, 64 at once", 64, 1.0)):
         def run():
-            generate.generate(model.decoder(), model.begin_state(batch), prefix, num_chars, temperature,
+            decoding.generate(model.decoder(), model.begin_state(batch), prefix, num_chars, temperature,
                               np.random.default_rng(0))
         rows[label] = {"chars_per_s": batch * num_chars / timed(run, warmup, repeats)}
     base = next((r["chars_per_s"] for k, r in rows.items() if k.startswith("book")), None)

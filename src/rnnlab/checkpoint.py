@@ -354,6 +354,7 @@ class LoadedModel:
     data_cfg: object
     model_cfg: object
     checkpoint: Checkpoint
+    train_cfg: object = None
 
 
 def load_model(directory, backend: str = "auto", device: str = "cpu") -> LoadedModel:
@@ -361,6 +362,6 @@ def load_model(directory, backend: str = "auto", device: str = "cpu") -> LoadedM
     from .backends import make_backend
 
     ckpt = load(directory)
-    data_cfg, model_cfg, _, vocab = read_configs(ckpt, directory)
+    data_cfg, model_cfg, train_cfg, vocab = read_configs(ckpt, directory)
     return LoadedModel(make_backend(backend, ckpt.params, model_cfg.activation, device,
-                                    dropout=model_cfg.dropout), vocab, data_cfg, model_cfg, ckpt)
+                                    dropout=model_cfg.dropout), vocab, data_cfg, model_cfg, ckpt, train_cfg)

@@ -15,10 +15,11 @@ from .errors import RnnlabError
 
 
 def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = None,
-           metavar: str | None = None):
+           metavar: str | None = None, shown: str | None = None):
     """A dataclass field with the metadata the CLI needs: help text, choices, and where they differ from
-    the defaults, a flag name (the field's name stays an alias) and a metavar."""
-    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar}
+    the defaults, a flag name (the field's name stays an alias), a metavar, and the default in words (for a
+    default decided later, such as None for "the run's own prompts")."""
+    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar, "shown": shown}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults: configs are frozen")
     return dataclasses.field(default=default, metadata=meta)
@@ -136,20 +137,48 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Decoding from a trained model."""
+    """Decoding from a trained model: the prompt, how each next token is chosen, and when to stop."""
 
-    prefix: str = option("time traveller", "text the state is warmed up on")
-    num_preds: int = option(50, "tokens to generate after the prefix", flag="num_chars")
-    temperature: float = option(0.0, "0: greedy argmax (the book); > 0: sample from softmax(logits / T)")
-    seed: int = option(0, "seed for sampling")
+    prefix: str | None = option(None, "text the state is warmed up on", flag="prompt",
+                                shown="the run's own prompts")
+    num_preds: int = option(100, "tokens to generate after the prompt, at most", flag="num_chars")
+    temperature: float | None = option(None, "0: greedy argmax (the book's predict_ch8); > 0: sample from "
+                                             "softmax(logits / T)", shown="0 for the book's model, else 0.8")
+    top_k: int = option(0, "sample from the k most likely tokens only (0: all)")
+    top_p: float = option(1.0, "sample from the smallest set of most likely tokens whose probability reaches "
+                               "p (nucleus sampling; 1: all)")
+    beam: int = option(0, "beam search with this many beams (0: off); deterministic, so no temperature")
+    length_penalty: float = option(1.0, "beam search ranks a text by its log-probability / length**X (0: none)")
+    num_samples: int = option(1, "continuations of each prompt, decoded as one batch (with --beam: the best N)")
+    stop: tuple[str, ...] = option((), "stop a continuation where any of these texts appears, cut before it")
+    seed: int = option(0, "seed for sampling: continuation i of a seed is the same at every --num-samples")
 
     def validate(self) -> None:
-        if not self.prefix:
-            raise RnnlabError("the prefix is empty: give at least one character to warm up on")
+        if self.prefix is not None and not self.prefix:
+            raise RnnlabError("the prompt is empty: give at least one character to warm up on")
         if self.num_preds < 0:
             raise RnnlabError(f"--num-chars must be >= 0, got {self.num_preds}")
-        _non_negative("--temperature", self.temperature)
+        if self.temperature is not None:
+            _non_negative("--temperature", self.temperature)
         _non_negative("--seed", self.seed)
+        _non_negative("--top-k", self.top_k)
+        _non_negative("--length-penalty", self.length_penalty)
+        if not 0 < self.top_p <= 1:
+            raise RnnlabError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1 or self.beam < 0:
+            raise RnnlabError(f"--num-samples must be >= 1 and --beam >= 0, got {self.num_samples} and "
+                              f"{self.beam}")
+        if any(not s for s in self.stop):
+            raise RnnlabError("a stop text is empty: give at least one character")
+        if self.beam:
+            sampling = [flag for flag, on in (("--temperature", self.temperature), ("--top-k", self.top_k),
+                                              ("--top-p", self.top_p < 1)) if on]
+            if sampling:
+                raise RnnlabError(f"beam search is deterministic: {', '.join(sampling)} applies to sampling; "
+                                  "give --beam without it")
+            if self.num_samples > self.beam:
+                raise RnnlabError(f"--num-samples {self.num_samples} is more than the {self.beam} beams; give "
+                                  f"--beam {self.num_samples} or more")
 
 
 # Fields that define what a run computes; on --resume they must match the checkpoint. The corpus is not

@@ -38,10 +38,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import checkpoint, evaluate, generate, network, optim, rundir, samplers, text
+from . import checkpoint, evaluate, network, optim, rundir, samplers
 from .config import TrainConfig, eval_cadence, every, resets_state
 from .errors import Diverged, RnnlabError
 from .fileio import finite_or_none
+from .lm import LM
 from .runstate import EpochStats, Position, Run, _check_trainable, make_checkpoint, restore
 from .rundir import read_metrics  # noqa: F401  (the library's entry points, used via train)
 from .runstate import load_dataset, new_run, resume_run, start_from  # noqa: F401
@@ -131,14 +132,18 @@ def divergence(run: Run, stats: EpochStats) -> str | None:
 
 
 def samples(run: Run) -> dict[str, str]:
-    """Greedy continuations of the configured prefixes (the book prints these while training)."""
-    joiner = "" if run.data_cfg.token == "char" else " "
+    """One continuation of each configured prompt, decoded as `rnnlab generate` decodes by default: greedy
+    for the book's model (its `predict_ch8`), sampled from the run's seed for any other. The data-order RNG
+    is not touched, so drawing samples never changes training."""
+    model = LM(run.backend, run.dataset.vocab, run.data_cfg, run.model_cfg, run.train_cfg)
+    options = model.options(num_preds=run.train_cfg.num_preds, seed=run.train_cfg.seed)
     out = {}
     for prefix in run.train_cfg.prefixes:
-        tokens = text.tokenize(text.normalize_prefix(prefix, run.data_cfg.preprocess), run.data_cfg.token)
-        if len(tokens):
-            out[prefix] = generate.predict(run.backend, run.dataset.vocab, tokens, run.train_cfg.num_preds,
-                                           joiner=joiner)[0]
+        try:
+            prompt = model.prompt(prefix)
+        except RnnlabError:                  # nothing left once normalised ("?!" under the book's rules)
+            continue
+        out[prefix] = model.generate(prompt, options)[0]
     return out
 
 

@@ -1,0 +1,281 @@
+"""Decoding, written once over a step callback: warm up on a prompt, then choose tokens one at a time.
+
+    step(token_ids (B,), state) -> (logits (B, V), state)      state: (S, B, ...), batch on axis 1
+
+Any backend (numpy, torch, jax), or a fake model in the tests, provides `step`; nothing here knows which. The
+state is only ever indexed along axis 1 (`state[:, rows]`), which every array library does alike.
+
+How the next token is chosen, in order (`choose`):
+  1. tokens in `never` (`<unk>`: text the model cannot spell) get probability 0;
+  2. temperature 0 is the book's greedy argmax (`predict_ch8`); T > 0 divides the scores by T;
+  3. top-k keeps the k most likely tokens, then top-p the smallest set of them whose probability reaches p;
+  4. one uniform draw per continuation picks a token by inverse CDF.
+Continuation i draws from its own generator, seeded by (seed, i), so it is the same text whether it is decoded
+alone or as row i of a batch of n. Beam search (`beam_search`) is deterministic and keeps the `width` most
+likely texts, reordering the hidden states by parent beam at every step.
+
+`stream` yields the text as it is made, (continuation, piece) at a time, for the CLI and the HTTP server alike;
+a stop text is cut off even when it straddles tokens, because a tail that could begin one is held back until
+it is certain. Scores are float64 and shifted by their maximum, so any T > 0 is safe. A model whose scores stop
+being finite is an error, not a text.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import RnnlabError
+
+
+class Piece(NamedTuple):
+    """A piece of the text of continuation `sample` (in a batch of n, or the rank of a beam)."""
+    sample: int
+    text: str
+
+
+# --- choosing the next token ----------------------------------------------------------------------------------
+
+def _scores(logits, never=()) -> np.ndarray:
+    """(B, V) logits as float64 with the tokens in `never` at -inf; an error when they are not finite."""
+    z = np.array(logits, dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise RnnlabError("the model produced non-finite scores (NaN or infinity): its weights have diverged; "
+                          "retrain it with a smaller --lr or with clipping (--clip)")
+    if len(never):
+        z[:, list(never)] = -np.inf
+    if not np.isfinite(z.max(axis=1)).all():
+        raise RnnlabError("no token may be generated: the model's vocabulary holds only tokens never emitted")
+    return z
+
+
+def truncate(z: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """(B, V) scores -> the same with every token outside the top k, then outside the top-p nucleus of what
+    is left, at -inf. Ties are broken by token id, so exactly k tokens stay; the most likely always stays."""
+    if not top_k and top_p >= 1:
+        return z
+    order = np.argsort(-z, axis=1, kind="stable")                       # (B, V) best first
+    ranked = np.take_along_axis(z, order, axis=1)
+    keep = np.isfinite(ranked)
+    if top_k:
+        keep[:, top_k:] = False
+    if top_p < 1:
+        with np.errstate(under="ignore"):
+            p = np.where(keep, np.exp(ranked - ranked[:, :1]), 0.0)
+        p /= p.sum(axis=1, keepdims=True)
+        before = np.cumsum(p, axis=1) - p                                # probability of the better tokens
+        keep &= before < top_p
+    out = np.full_like(z, -np.inf)
+    np.put_along_axis(out, order, np.where(keep, ranked, -np.inf), axis=1)
+    return out
+
+
+def sample(z: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """(B, V) scores -> (B,) tokens drawn from softmax(z) by inverse CDF with one uniform in [0, 1) per row;
+    a token of probability 0 is never drawn."""
+    with np.errstate(under="ignore"):                    # a far-off score becomes probability 0
+        p = np.exp(z - z.max(axis=1, keepdims=True))     # in [0, 1], 1 at the best token
+    cdf = np.cumsum(p, axis=1)
+    chosen = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(axis=1)
+    last = p.shape[1] - 1 - (p[:, ::-1] > 0).argmax(axis=1)    # u rounded up to the total: the last possible
+    return np.where(chosen < p.shape[1], chosen, last)
+
+
+def choose(logits, temperature: float, uniforms: np.ndarray | None = None, top_k: int = 0, top_p: float = 1.0,
+           never=()) -> np.ndarray:
+    """(B, V) logits -> (B,) next tokens: the argmax at temperature 0, else a draw from the tempered, then
+    truncated, distribution (see the module docstring)."""
+    z = _scores(logits, never)
+    if temperature == 0:
+        return z.argmax(axis=1)
+    with np.errstate(over="ignore", under="ignore"):     # a tiny T sends all but the best to -inf
+        z = (z - z.max(axis=1, keepdims=True)) / temperature
+    return sample(truncate(z, top_k, top_p), uniforms)
+
+
+def pick(logits, temperature: float, rng: np.random.Generator | None, never=()) -> np.ndarray:
+    """`choose` with the uniforms drawn from one generator, one per row."""
+    uniforms = rng.random(len(logits)) if temperature else None
+    return choose(logits, temperature, uniforms, never=never)
+
+
+def log_softmax(logits, never=()) -> np.ndarray:
+    """(B, V) logits -> (B, V) float64 log-probabilities (those of `never` tokens renormalised away)."""
+    z = _scores(logits, never)
+    z -= z.max(axis=1, keepdims=True)
+    with np.errstate(under="ignore"):
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+# --- the book's form: token ids in, token ids out ---------------------------------------------------------------
+
+def _check(prompt_ids, temperature: float) -> None:
+    if len(prompt_ids) == 0:
+        raise RnnlabError("the prompt is empty: give at least one character to warm up on")
+    if not 0 <= temperature < math.inf:               # also refuses nan
+        raise RnnlabError(f"temperature must be a finite number >= 0, got {temperature}")
+
+
+def generate(step, state, prefix_ids, num_preds: int, temperature: float = 0.0,
+             rng: np.random.Generator | None = None, never_sample=()) -> np.ndarray:
+    """Continue `prefix_ids` by `num_preds` tokens for every row of `state`, as the book's `predict_ch8` does
+    (every row warmed up on the whole prefix). Returns (B, len(prefix) + num_preds) ids, the prefix included."""
+    _check(prefix_ids, temperature)
+    if temperature > 0 and rng is None:
+        rng = np.random.default_rng()
+    B = state.shape[1]
+    out = np.empty((B, len(prefix_ids) + num_preds), dtype=np.int64)
+    out[:, : len(prefix_ids)] = prefix_ids
+    for tok in prefix_ids[:-1]:                       # 1) warm up, ignoring the outputs
+        _, state = step(np.full(B, tok), state)
+    for i in range(len(prefix_ids), out.shape[1]):   # 2) feed the latest token, pick the next
+        logits, state = step(out[:, i - 1], state)
+        out[:, i] = pick(logits, temperature, rng, never_sample)
+    return out
+
+
+# --- text: stop strings and streaming ---------------------------------------------------------------------------
+
+class Stopper:
+    """One continuation's text, cut before the first stop text. `feed` returns what is certain: everything
+    but a tail that could still begin a stop text, which is held back until the next piece decides."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops, self.longest = tuple(stops), max(map(len, stops), default=0)
+        self.text, self.sent, self.done = "", 0, False
+
+    def feed(self, piece: str) -> str:
+        start = max(0, len(self.text) - self.longest + 1)        # a new stop text ends in the new piece
+        self.text += piece
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.done = True
+            return self._release(min(hits))
+        return self._release(len(self.text) - self._held())
+
+    def flush(self) -> str:
+        """The held-back tail, once no more text will come."""
+        return "" if self.done else self._release(len(self.text))
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that is the beginning of a stop text."""
+        for n in range(min(self.longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def _release(self, upto: int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out
+
+
+def take(state, rows):
+    """The state of the given batch rows (an index array; repeats allowed): every backend's arrays index alike."""
+    return state[:, rows]
+
+
+def warm_up(step, state, prompt_ids):
+    """The state after the prompt's tokens but the last (the last is fed by the first decoding step)."""
+    for tok in prompt_ids[:-1]:
+        _, state = step(np.array([tok]), state)
+    return state
+
+
+def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, stop: Sequence[str] = (), seed: int = 0,
+           never=()) -> Iterator[Piece]:
+    """Decode `num_samples` continuations of one prompt as one batch, yielding their text as it is made.
+
+    `state` is a batch-1 initial state; the prompt is read once and its state copied to every row.
+    `token_text[i]` is the text of token i as it continues a text (a character, or " word"). A continuation
+    ends after `num_preds` tokens or before the first stop text; finished rows leave the batch.
+    """
+    _check(prompt_ids, temperature)
+    state = take(warm_up(step, state, prompt_ids), np.zeros(num_samples, dtype=np.int64))
+    rngs = [np.random.default_rng([seed, i]) for i in range(num_samples)]
+    rows = np.arange(num_samples)                      # the continuations still going, in batch order
+    stoppers = [Stopper(stop) for _ in rows]
+    last = np.full(num_samples, prompt_ids[-1], dtype=np.int64)
+    for _ in range(num_preds):
+        logits, state = step(last, state)
+        uniforms = np.array([rngs[r].random() for r in rows]) if temperature else None
+        last = choose(logits, temperature, uniforms, top_k, top_p, never)
+        for r, tok in zip(rows, last):
+            piece = stoppers[r].feed(token_text[tok])
+            if piece:
+                yield Piece(int(r), piece)
+        going = np.array([not stoppers[r].done for r in rows])
+        if not going.all():
+            rows, last, state = rows[going], last[going], take(state, np.flatnonzero(going))
+            if not len(rows):
+                return
+    for r in rows:
+        rest = stoppers[r].flush()
+        if rest:
+            yield Piece(int(r), rest)
+
+
+# --- beam search ------------------------------------------------------------------------------------------------
+
+class Hypothesis(NamedTuple):
+    """A finished beam: its text, total log-probability (nats), length in tokens, and rank score."""
+    text: str
+    logprob: float
+    length: int
+    score: float
+
+
+def _rank(logprob: float, length: int, length_penalty: float) -> float:
+    return logprob / max(length, 1) ** length_penalty
+
+
+def beam_search(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, width: int,
+                num_results: int = 1, length_penalty: float = 1.0, stop: Sequence[str] = (),
+                never=()) -> list[Hypothesis]:
+    """The `num_results` best continuations among `width` beams, best first.
+
+    A beam scores the sum of its tokens' log-probabilities. At each step every beam's V extensions compete
+    and the best `width` survive; each survivor's hidden state is its parent's, so the states are reordered
+    by parent. A beam that reaches a stop text is finished there (cut before it); decoding ends when `width`
+    beams are finished or after `num_preds` tokens. Finished texts rank by logprob / length**length_penalty.
+    """
+    _check(prompt_ids, 0.0)
+    state = take(warm_up(step, state, prompt_ids), np.zeros(width, dtype=np.int64))
+    scores = np.full(width, -np.inf)
+    scores[0] = 0.0                                    # all beams start equal: expand the first only
+    texts, last = [""] * width, np.full(width, prompt_ids[-1], dtype=np.int64)
+    finished: list[Hypothesis] = []
+    longest = max(map(len, stop), default=0)
+    for length in range(1, num_preds + 1):
+        logits, state = step(last, state)
+        total = (scores[:, None] + log_softmax(logits, never)).ravel()        # (width * V,)
+        order = np.argsort(-total, kind="stable")
+        parents, tokens, new_texts = [], [], []
+        for idx in order[: 2 * width]:                 # enough that `width` survive the finished ones
+            if not np.isfinite(total[idx]) or len(parents) == width:
+                break
+            parent, tok = divmod(int(idx), logits.shape[1])
+            text = texts[parent] + token_text[tok]
+            hits = [i for s in stop if (i := text.find(s, max(0, len(texts[parent]) - longest + 1))) >= 0]
+            if hits:
+                finished.append(Hypothesis(text[:min(hits)], float(total[idx]), length,
+                                           _rank(float(total[idx]), length, length_penalty)))
+            else:
+                parents.append(parent)
+                tokens.append(tok)
+                new_texts.append(text)
+        if len(finished) >= width or not parents:
+            break
+        state = take(state, np.array(parents))
+        scores, texts, last = total[np.array(parents) * logits.shape[1] + tokens], new_texts, np.array(tokens)
+    else:
+        finished += [Hypothesis(t, float(s), num_preds, _rank(float(s), num_preds, length_penalty))
+                     for t, s in zip(texts, scores) if np.isfinite(s)]
+    if num_preds == 0:
+        return [Hypothesis("", 0.0, 0, 0.0)] * num_results
+    finished.sort(key=lambda h: -h.score)
+    return finished[:num_results]
