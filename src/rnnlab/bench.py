@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cells, corpora, decoding, optim, text
+from . import cells, corpora, optim, text
+from .config import DataConfig, ModelConfig
+from .lm import LM
 
 
 @dataclass(frozen=True)
@@ -179,11 +181,19 @@ def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None) -> dict:
         pass
     from .backends.numpy_backend import NumpyBackend
     model = NumpyBackend(params)
-    for label, batch, temperature in (("rnnlab greedy, batch 1", 1, 0.0), ("rnnlab sampled, 64 at once", 64, 1.0)):
-        def run():
-            decoding.generate(model.decoder(), model.begin_state(batch), prefix, num_chars, temperature,
-                              np.random.default_rng(0))
-        rows[label] = {"chars_per_s": batch * num_chars / timed(run, warmup, repeats)}
+    # (label, continuations decoded at once, chars counted per step, decoding options), decoded by `LM`
+    # as `rnnlab generate` runs them
+    cases = (("rnnlab greedy, batch 1", 1, 1, {}),
+             ("rnnlab sampled, batch 1", 1, 1, {"temperature": 1.0}),
+             ("rnnlab sampled, 64 at once", 64, 64, {"temperature": 1.0, "num_samples": 64}),
+             ("rnnlab top-k 10 top-p .9, 64", 64, 64, {"temperature": 1.0, "top_k": 10, "top_p": 0.9,
+                                                      "num_samples": 64}),
+             ("rnnlab beam search, 8 beams", 8, 1, {"beam": 8}))
+    lm = LM(model, vocab, DataConfig(), ModelConfig())
+    for label, batch, counted, options in cases:
+        def run(options=options):
+            lm.generate("time traveller", num_preds=num_chars, **options)
+        rows[label] = {"chars_per_s": counted * num_chars / timed(run, warmup, repeats), "rows": batch}
     base = next((r["chars_per_s"] for k, r in rows.items() if k.startswith("book")), None)
     for row in rows.values():
         row["ratio"] = row["chars_per_s"] / base if base else None

@@ -41,13 +41,14 @@ class Piece(NamedTuple):
 def _scores(logits, never=()) -> np.ndarray:
     """(B, V) logits as float64 with the tokens in `never` at -inf; an error when they are not finite."""
     z = np.array(logits, dtype=np.float64)
-    if not np.isfinite(z).all():
+    if not np.isfinite(z.sum()):                       # one reduction: a NaN or infinity anywhere shows
         raise RnnlabError("the model produced non-finite scores (NaN or infinity): its weights have diverged; "
                           "retrain it with a smaller --lr or with clipping (--clip)")
     if len(never):
+        if len(set(never)) >= z.shape[1]:
+            raise RnnlabError("no token may be generated: the model's vocabulary holds only tokens never "
+                              "emitted")
         z[:, list(never)] = -np.inf
-    if not np.isfinite(z.max(axis=1)).all():
-        raise RnnlabError("no token may be generated: the model's vocabulary holds only tokens never emitted")
     return z
 
 
@@ -204,19 +205,22 @@ def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, t
         logits, state = step(last, state)
         uniforms = np.array([rngs[r].random() for r in rows]) if temperature else None
         last = choose(logits, temperature, uniforms, top_k, top_p, never)
-        for r, tok in zip(rows, last):
+        if not stop:                                   # nothing to hold back: every token is final
+            yield from map(Piece, rows.tolist(), [token_text[t] for t in last.tolist()])
+            continue
+        for r, tok in zip(rows.tolist(), last.tolist()):
             piece = stoppers[r].feed(token_text[tok])
             if piece:
-                yield Piece(int(r), piece)
+                yield Piece(r, piece)
         going = np.array([not stoppers[r].done for r in rows])
         if not going.all():
             rows, last, state = rows[going], last[going], take(state, np.flatnonzero(going))
             if not len(rows):
                 return
-    for r in rows:
+    for r in rows.tolist():
         rest = stoppers[r].flush()
         if rest:
-            yield Piece(int(r), rest)
+            yield Piece(r, rest)
 
 
 # --- beam search ------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def estimate_train_bytes(vocab_size: int, model_cfg, train_cfg) -> int:
 
 def estimate_generate_bytes(vocab_size: int, num_hiddens: int, num_layers: int, cell: str, num_samples: int,
                             num_chars: int, prefix_len: int) -> int:
-    """Bytes `generate.predict` holds at its peak for `num_samples` rows of `prefix_len + num_chars` tokens,
+    """Bytes `rnnlab generate` holds at its peak for `num_samples` rows of `prefix_len + num_chars` tokens,
     the weights already loaded: the token ids, their text, and one step's state and float64 scores."""
     S, N = num_samples, prefix_len + num_chars
     slices = 2 * num_layers if cell == "lstm" else num_layers
