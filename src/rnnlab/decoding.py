@@ -139,21 +139,28 @@ def generate(step, state, prefix_ids, num_preds: int, temperature: float = 0.0,
 
 # --- text: stop strings and streaming ---------------------------------------------------------------------------
 
+def find_stop(text: str, stops: Sequence[str], new: int = 0) -> int:
+    """Where the earliest stop text in `text` begins, or -1; only those ending after text[:new] are looked
+    for (what came before was searched already)."""
+    start = max(0, new - max(map(len, stops), default=0) + 1)
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits, default=-1)
+
+
 class Stopper:
     """One continuation's text, cut before the first stop text. `feed` returns what is certain: everything
     but a tail that could still begin a stop text, which is held back until the next piece decides."""
 
     def __init__(self, stops: Sequence[str] = ()):
-        self.stops, self.longest = tuple(stops), max(map(len, stops), default=0)
+        self.stops, self.longest = tuple(stops), max(map(len, stops), default=0)   # longest: of a stop text
         self.text, self.sent, self.done = "", 0, False
 
     def feed(self, piece: str) -> str:
-        start = max(0, len(self.text) - self.longest + 1)        # a new stop text ends in the new piece
-        self.text += piece
-        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
-        if hits:
+        before, self.text = self.text, self.text + piece
+        cut = find_stop(self.text, self.stops, len(before))
+        if cut >= 0:
             self.done = True
-            return self._release(min(hits))
+            return self._release(cut)
         return self._release(len(self.text) - self._held())
 
     def flush(self) -> str:
@@ -248,12 +255,13 @@ def beam_search(step, state, prompt_ids, token_text: Sequence[str], num_preds: i
     beams are finished or after `num_preds` tokens. Finished texts rank by logprob / length**length_penalty.
     """
     _check(prompt_ids, 0.0)
+    if num_preds == 0:
+        return [Hypothesis("", 0.0, 0, 0.0)] * num_results
     state = take(warm_up(step, state, prompt_ids), np.zeros(width, dtype=np.int64))
     scores = np.full(width, -np.inf)
     scores[0] = 0.0                                    # all beams start equal: expand the first only
     texts, last = [""] * width, np.full(width, prompt_ids[-1], dtype=np.int64)
     finished: list[Hypothesis] = []
-    longest = max(map(len, stop), default=0)
     for length in range(1, num_preds + 1):
         logits, state = step(last, state)
         total = (scores[:, None] + log_softmax(logits, never)).ravel()        # (width * V,)
@@ -264,9 +272,9 @@ def beam_search(step, state, prompt_ids, token_text: Sequence[str], num_preds: i
                 break
             parent, tok = divmod(int(idx), logits.shape[1])
             text = texts[parent] + token_text[tok]
-            hits = [i for s in stop if (i := text.find(s, max(0, len(texts[parent]) - longest + 1))) >= 0]
-            if hits:
-                finished.append(Hypothesis(text[:min(hits)], float(total[idx]), length,
+            cut = find_stop(text, stop, len(texts[parent]))
+            if cut >= 0:
+                finished.append(Hypothesis(text[:cut], float(total[idx]), length,
                                            _rank(float(total[idx]), length, length_penalty)))
             else:
                 parents.append(parent)
@@ -279,7 +287,5 @@ def beam_search(step, state, prompt_ids, token_text: Sequence[str], num_preds: i
     else:
         finished += [Hypothesis(t, float(s), num_preds, _rank(float(s), num_preds, length_penalty))
                      for t, s in zip(texts, scores) if np.isfinite(s)]
-    if num_preds == 0:
-        return [Hypothesis("", 0.0, 0, 0.0)] * num_results
     finished.sort(key=lambda h: -h.score)
     return finished[:num_results]
