@@ -14,7 +14,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[torch,jax,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[torch,jax,dev,serve]"
 	touch $@
 
 install: $(VENV)/.installed

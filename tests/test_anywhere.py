@@ -58,7 +58,7 @@ def test_a_run_records_its_corpus_file_by_absolute_path(relative_run):
 
 def test_a_run_on_a_relative_path_evaluates_and_resumes_from_another_directory(relative_run):
     out, corpus = relative_run
-    code, stdout, err = run("eval", "--checkpoint", out, "--backend", "numpy")
+    code, stdout, err = run("eval", "--checkpoint", out, "--backend", "numpy", "--json")
     assert code == 0, err
     assert json.loads(stdout)["corpus"] == str(corpus.resolve())
     code, _, err = run("train", "--resume", "--out", out, "--num-epochs", 2, "--quiet")
@@ -86,7 +86,7 @@ def test_a_moved_corpus_is_found_by_its_hash(relative_run, tmp_path, monkeypatch
     if where == "RNNLAB_DATA":
         monkeypatch.setenv("RNNLAB_DATA", str(dest))
     flags = ["--data-dir", dest] if where == "--data-dir" else []
-    code, stdout, err = run("eval", "--checkpoint", out, "--backend", "numpy", *flags)
+    code, stdout, err = run("eval", "--checkpoint", out, "--backend", "numpy", "--json", *flags)
     assert code == 0, err
     assert json.loads(stdout)["corpus"] == str((dest / "a.txt").resolve())
     code, _, err = run("train", "--resume", "--out", out, "--num-epochs", 2, "--quiet", *flags)
@@ -122,7 +122,7 @@ def test_eval_on_another_corpus_still_scores_that_text(relative_run, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text(book_text(6000)[3000:])
     corpus.unlink()                                  # the model's own text is not needed to score another
-    code, stdout, err = run("eval", "--checkpoint", out, "--backend", "numpy", "--corpus", other)
+    code, stdout, err = run("eval", "--checkpoint", out, "--backend", "numpy", "--json", "--corpus", other)
     assert code == 0, err
     assert json.loads(stdout)["corpus"] == str(other.resolve())
 
@@ -265,7 +265,7 @@ def test_eval_split_all_scores_a_text_too_short_to_split(tiny_run, tmp_path):
     tiny.write_text("the time traveller")
     assert len(tiny.read_text()) == 18
     code, stdout, err = run("eval", "--checkpoint", tiny_run, "--backend", "numpy", "--corpus", tiny,
-                            "--split", "all")
+                            "--split", "all", "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert result["tokens"] == 17 and result["split"] == "all" and result["unknown_tokens"] == 0
@@ -274,7 +274,8 @@ def test_eval_split_all_scores_a_text_too_short_to_split(tiny_run, tmp_path):
 
 
 def test_eval_split_all_is_the_whole_text(tiny_run):
-    scores = {split: json.loads(run("eval", "--checkpoint", tiny_run, "--backend", "numpy", "--split", split)[1])
+    scores = {split: json.loads(run("eval", "--checkpoint", tiny_run, "--backend", "numpy", "--split", split,
+                                  "--json")[1])
               for split in ("all", "val")}
     assert scores["all"]["tokens"] > 9 * scores["val"]["tokens"]
 

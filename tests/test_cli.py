@@ -139,14 +139,17 @@ def _shown(value) -> str:
 
 
 SUBCOMMAND_CONFIGS = {"train": (DataConfig, ModelConfig, TrainConfig), "generate": (GenerateConfig,),
-                      "eval": (), "corpora": (), "baseline": (DataConfig,)}
+                      "eval": (), "score": (), "corpora": (), "baseline": (DataConfig,)}
 LITERAL_DEFAULTS = {
     "train": {"--clip": "1.0", "--theta": "1.0", "--num-hiddens": "512", "--batch-size": "32",
               "--num-steps": "35", "--lr": "1.0", "--num-epochs": "500", "--corpus": "'timemachine'",
               "--prefixes": "'time traveller' 'traveller'", "--data-dir": "None"},
-    "generate": {"--prefix": "'time traveller'", "--num-chars": "50", "--temperature": "0.0", "--seed": "0",
+    "generate": {"--prefix": "the run's own prompts", "--num-chars": "100",
+                 "--temperature": "0 for the book's model, else 0.8", "--seed": "0", "--top-k": "0",
+                 "--top-p": "1.0", "--beam": "0",
                  "--num-samples": "1", "--device": "auto"},
     "eval": {"--split": "val", "--device": "auto"},
+    "score": {"--top": "5", "--max-chars": str(cli.SCORE_MAX_CHARS), "--device": "auto"},
     "corpora": {},
     "baseline": {"--order": "5", "--corpus": "'timemachine'"},
 }
@@ -178,7 +181,8 @@ def test_help_shows_every_flag_with_its_default(capsys, command):
     for cls in SUBCOMMAND_CONFIGS[command]:
         for f in dataclasses.fields(cls):
             flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
-            assert f"(default: {_shown(f.default)})" in entries[flag], (flag, entries[flag])
+            shown = f.metadata.get("shown") or _shown(f.default)
+            assert f"(default: {shown})" in entries[flag], (flag, entries[flag])
     for flag, shown in LITERAL_DEFAULTS[command].items():
         assert f"(default: {shown})" in entries[flag], (flag, entries[flag])
 
@@ -311,25 +315,25 @@ def test_resume_with_corrupt_checkpoint_json(capsys, run_copy):
 # --- generate ----------------------------------------------------------------------------------------
 
 def test_generate_greedy_is_deterministic(capsys, trained):
-    first = generate_json(capsys, trained.out, "--num-chars", "40", "--backend", "numpy")
-    second = generate_json(capsys, trained.out, "--num-chars", "40", "--backend", "numpy")
+    argv = ["--prefix", "time traveller", "--num-chars", "40", "--backend", "numpy"]
+    first = generate_json(capsys, trained.out, *argv)
+    second = generate_json(capsys, trained.out, *argv)
     assert first == second
     assert len(first) == 1
     assert first[0].startswith("time traveller") and len(first[0]) == len("time traveller") + 40
 
-    code, out, err = run(capsys, "generate", "--checkpoint", trained.out, "--num-chars", "40",
-                         "--backend", "numpy")
+    code, out, err = run(capsys, "generate", "--checkpoint", trained.out, *argv)
     assert code == 0 and out == first[0] + "\n"
 
 
 def test_generate_sampling_follows_the_seed(capsys, trained):
-    argv = ["--temperature", "1", "--num-samples", "8", "--num-chars", "200", "--backend", "numpy"]
+    argv = ["--temperature", "1", "--num-samples", "8", "--num-chars", "200", "--backend", "numpy",
+            "--prefix", "time traveller"]
     a = generate_json(capsys, trained.out, *argv, "--seed", "1")
     b = generate_json(capsys, trained.out, *argv, "--seed", "1")
     c = generate_json(capsys, trained.out, *argv, "--seed", "2")
     assert a == b
-    # (a sampled <unk> comes out as the literal text "<unk>": count it as one token)
-    assert len(a) == 8 and all(len(s.replace("<unk>", "?")) == len("time traveller") + 200 for s in a)
+    assert len(a) == 8 and all(len(s) == len("time traveller") + 200 and "<unk>" not in s for s in a)
     assert a != c                   # 8 x 200 sampled characters: equal only with negligible probability
     assert len(set(a)) > 1          # the samples of one call are independent draws
 
@@ -354,7 +358,7 @@ def test_generate_punctuation_prefix_maps_to_a_space(capsys, trained):
 
 def test_generate_empty_prefix_is_refused(capsys, trained):
     code, out, err = run(capsys, "generate", "--checkpoint", trained.out, "--prefix", "", "--backend", "numpy")
-    assert_one_line_error(code, err, "prefix is empty")
+    assert_one_line_error(code, err, "prompt is empty")
     assert out == ""
 
 
@@ -372,8 +376,8 @@ def test_generate_bad_values(capsys, trained, argv, fragment):
 
 # --- eval --------------------------------------------------------------------------------------------
 
-def test_eval_prints_json_matching_training(capsys, trained):
-    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy")
+def test_eval_json_matches_training(capsys, trained):
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert {"perplexity", "bits_per_char", "tokens"} <= set(result)
@@ -386,9 +390,9 @@ def test_eval_prints_json_matching_training(capsys, trained):
 
 
 def test_eval_dynamic_leaves_the_checkpoint_alone(capsys, trained):
-    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy")
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--json")
     static = json.loads(out)
-    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy",
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--json",
                          "--dynamic-lr", "0.5", "--dynamic-steps", "50")
     assert code == 0, err
     dynamic = json.loads(out)
@@ -396,18 +400,19 @@ def test_eval_dynamic_leaves_the_checkpoint_alone(capsys, trained):
     assert dynamic["tokens"] == static["tokens"]
     assert dynamic["perplexity"] != static["perplexity"]
     assert snapshot(trained.out) == trained.files              # the weights on disk never change
-    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy")
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--json")
     assert json.loads(out)["perplexity"] == static["perplexity"]
 
 
 def test_eval_mixture_with_ngram(capsys, trained):
-    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--mix-ngram", "5")
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy",
+                         "--mix-ngram", "5", "--json")
     assert code == 0, err
     result = json.loads(out)
     mix = result["mixture"]
     assert mix["ngram_order"] == 5 and mix["model_weight"] == 0.5 and result["dynamic"] is None
     assert math.isclose(mix["model_perplexity"], read_metrics(trained.out)[-1]["val_ppl"], rel_tol=1e-6)
-    code, out, err = run(capsys, "baseline", "--checkpoint", trained.out, "--order", "5")
+    code, out, err = run(capsys, "baseline", "--checkpoint", trained.out, "--order", "5", "--json")
     assert math.isclose(mix["ngram_perplexity"], json.loads(out)["perplexity"], rel_tol=1e-12)
     # the n-gram is fitted on the model's own training split (400 tokens here), so both are weak, and
     # the mixture beats each of them
@@ -431,7 +436,7 @@ def test_eval_mixture_bad_values(capsys, trained, argv, fragment):
 
 def test_eval_other_corpus(capsys, trained):
     code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--corpus", "war_of_the_worlds",
-                         "--backend", "numpy")
+                         "--backend", "numpy", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert Path(result["corpus"]).name == "war_of_the_worlds.txt"
@@ -441,7 +446,7 @@ def test_eval_other_corpus(capsys, trained):
 
 
 def test_eval_all_split_covers_the_whole_corpus(capsys, trained):
-    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--split", "all", "--backend", "numpy")
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--split", "all", "--backend", "numpy", "--json")
     assert code == 0, err
     assert json.loads(out)["tokens"] == 170580 - 1   # the book's corpus length; max_tokens does not apply
 
@@ -615,7 +620,8 @@ def test_an_abrupt_interrupt_keeps_the_last_checkpoint(capsys, tmp_path, monkeyp
 
 
 def test_eval_train_split_is_what_the_model_trained_on(capsys, trained):
-    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--split", "train", "--backend", "numpy")
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--split", "train",
+                         "--backend", "numpy", "--json")
     assert code == 0, err
     assert json.loads(out)["tokens"] == 400 - 1          # --max-tokens 400, the first token has no context
 
@@ -647,7 +653,9 @@ def test_bench_quick_reports_every_path_as_json(capsys):
         assert all(row["tokens_per_s"] > 0 for row in paths.values())
     assert result["train"]["word"]["config"]["V"] == 4580
     assert set(result["generate"]) == {"book predict_ch8 (greedy, batch 1)", "rnnlab greedy, batch 1",
-                                       "rnnlab sampled, 64 at once"}
+                                       "rnnlab sampled, batch 1", "rnnlab sampled, 64 at once",
+                                       "rnnlab top-k 10 top-p .9, 64", "rnnlab beam search, 8 beams"}
+    assert all(row["chars_per_s"] > 0 for row in result["generate"].values())
     assert all(row["peak_bytes_per_char"] > 0 for row in result["data"].values())
 
 
@@ -692,9 +700,10 @@ def test_deep_run_resumes_exactly(capsys, tmp_path, cell):
 def test_deep_checkpoint_generates_and_evaluates(capsys, tmp_path):
     out = tmp_path / "lstm"
     assert run(capsys, "train", *tiny(), *DEEP, "--out", out)[0] == 0
-    texts = generate_json(capsys, out, "--num-chars", "12", "--num-samples", "2", "--temperature", "1")
+    texts = generate_json(capsys, out, "--num-chars", "12", "--num-samples", "2", "--temperature", "1",
+                          "--prefix", "time traveller")
     assert len(texts) == 2 and all(len(t) == len("time traveller") + 12 for t in texts)
-    code, stdout, err = run(capsys, "eval", "--checkpoint", out)
+    code, stdout, err = run(capsys, "eval", "--checkpoint", out, "--json")
     assert code == 0, err
     assert json.loads(stdout)["perplexity"] == pytest.approx(read_metrics(out)[-1]["val_ppl"], rel=1e-6)
 
@@ -711,7 +720,7 @@ def test_best_checkpoint_and_early_stopping(capsys, tmp_path):
     assert len(records) == best + 3                            # stopped 2 evaluations after the best
     assert "early stop" in stdout
     assert json.loads((out / "best" / "checkpoint.json").read_text())["epoch"] == records[best]["epoch"]
-    code, stdout, _ = run(capsys, "eval", "--checkpoint", out / "best")
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", out / "best", "--json")
     assert json.loads(stdout)["perplexity"] == pytest.approx(vals[best], rel=1e-6)
 
 
@@ -739,8 +748,9 @@ def test_bad_model_and_training_flags(capsys, tmp_path, argv, fragment):
     assert not (tmp_path / "run" / "checkpoint.json").exists()
 
 
-def test_baseline_prints_one_line_per_order(capsys):
-    code, out, err = run(capsys, "baseline", "--order", "1", "3", "--preprocess", "letters", "--max-tokens", "0")
+def test_baseline_json_is_one_line_per_order(capsys):
+    code, out, err = run(capsys, "baseline", "--order", "1", "3", "--preprocess", "letters",
+                         "--max-tokens", "0", "--json")
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["order"] for r in rows] == [1, 3]
@@ -749,7 +759,7 @@ def test_baseline_prints_one_line_per_order(capsys):
 
 
 def test_baseline_uses_a_run_split(capsys, trained):
-    code, out, err = run(capsys, "baseline", "--checkpoint", trained.out, "--order", "2")
+    code, out, err = run(capsys, "baseline", "--checkpoint", trained.out, "--order", "2", "--json")
     assert code == 0, err
     row = json.loads(out)
     assert row["train_tokens"] == 400 and row["tokens"] == json.loads(trained.stdout)["val_tokens"]

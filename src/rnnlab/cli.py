@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 import time
@@ -15,13 +16,14 @@ import typing
 from pathlib import Path
 
 from . import __version__, presets
-from .backends import check_device, denormals_flushed, device_of, resolve_device, set_threads
+from .backends import check_device, denormals_flushed, device_of, set_threads
 from .config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 from .errors import RnnlabError
 from .fileio import dumps_json
 from .sweep import VARIANTS
 
 INT64_MAX = 2 ** 63 - 1
+SCORE_MAX_CHARS = 100_000       # `rnnlab score` refuses longer texts unless --max-chars is raised
 _MISSING_VALUE = re.compile(r"argument (--[\w-]+)\S*: expected (one|at least one) argument")
 
 
@@ -81,7 +83,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         if f.metadata.get("flag"):
             names.append("--" + f.name.replace("_", "-"))    # the book's name as an alias (--theta)
         kwargs = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
-                  "help": f"{f.metadata['help']} (default: {_show(f.default)})"}
+                  "help": f"{f.metadata['help']} (default: {f.metadata.get('shown') or _show(f.default)})"}
         hint = hints[f.name]
         if typing.get_origin(hint) is tuple:
             kwargs.update(nargs="+", type=str, metavar="TEXT")
@@ -148,15 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (DataConfig, ModelConfig, TrainConfig):
         add_config_args(train, cls)
 
-    gen = sub.add_parser("generate", help="continue a prefix with a trained model")
+    gen = sub.add_parser("generate", help="continue a prompt with a trained model: greedy, sampled (temperature, "
+                         "top-k, top-p) or beam search, several continuations at once, stop texts, streaming")
     gen.add_argument("--checkpoint", metavar="DIR", required=True, help="run directory of `rnnlab train`")
     add_config_args(gen, GenerateConfig)
-    gen.add_argument("--num-samples", type=int64, default=1, metavar="N",
-                     help="continuations decoded at once (default: 1)")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is made; with several "
+                     "continuations, the first as it is made and the others after it (default: off)")
     _add_backend_args(gen)
-    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON (the samples as a list)")
 
-    ev = sub.add_parser("eval", help="score held-out text (prints JSON)")
+    ev = sub.add_parser("eval", help="score held-out text: perplexity and bits per character")
     ev.add_argument("--checkpoint", metavar="DIR", required=True, help="run directory of `rnnlab train`")
     ev.add_argument("--corpus", help="corpus name or file (default: the one the model was trained on)")
     ev.add_argument("--data-dir", help="directory searched first for named corpora (default: the checkpoint's)")
@@ -175,13 +178,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mix-weight", type=finite_float, default=0.5, metavar="W",
                     help="weight of the model in the mixture; the n-gram gets 1 - W (default: 0.5)")
     _add_backend_args(ev)
+    ev.add_argument("--json", action="store_true", help="print the result as JSON (default: off, a summary)")
 
-    base = sub.add_parser("baseline", help="interpolated Kneser-Ney n-gram on the same split (prints JSON)")
+    sc = sub.add_parser("score", help="how surprising each character of a text is to a model: bits per "
+                        "character, the model's alternatives, the most surprising places; JSON, TSV or an "
+                        "HTML page coloured by surprisal")
+    sc.add_argument("file", nargs="?", metavar="FILE", help="UTF-8 text file to score; - reads stdin")
+    sc.add_argument("--text", help="the text to score, given here instead of a FILE")
+    sc.add_argument("--checkpoint", metavar="DIR", required=True, help="run directory of `rnnlab train`")
+    sc.add_argument("--top", type=int64, default=5, metavar="K",
+                    help="alternatives shown at each position, the model's K most likely (default: 5)")
+    sc.add_argument("--max-chars", type=int64, default=SCORE_MAX_CHARS, metavar="N",
+                    help="refuse a longer text: scoring takes one model step per character, about 5-20K "
+                         f"characters/s on a CPU (default: {SCORE_MAX_CHARS})")
+    fmt = sc.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the totals and one row per character as JSON "
+                     "(default: off, a summary)")
+    fmt.add_argument("--tsv", action="store_true", help="print one tab-separated row per character: index, "
+                     "character, log-probability, bits, alternatives (default: off)")
+    sc.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page that colours each "
+                    "character by its surprisal (default: none)")
+    _add_backend_args(sc)
+
+    base = sub.add_parser("baseline", help="interpolated Kneser-Ney n-gram on the same split: perplexity and "
+                          "bits per character")
     base.add_argument("--order", type=int64, nargs="+", default=[5], metavar="N",
                       help="n-gram order(s); several give one line each (default: 5)")
     base.add_argument("--checkpoint", metavar="DIR",
                       help="take the corpus, preprocessing and split from this run (default: the flags below)")
     add_config_args(base, DataConfig)
+    base.add_argument("--json", action="store_true",
+                      help="print one JSON line per order (default: off, one readable line per order)")
 
     sw = sub.add_parser("sweep", help="the book's exercise grid: one change at a time from a base run, each "
                         "under a time budget; writes a markdown table and a plot")
@@ -216,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     corp = sub.add_parser("corpora", help="named corpora: where they were found and whether the hash is right")
     corp.add_argument("--data-dir", help="directory searched first")
     corp.add_argument("--json", action="store_true", help="print as JSON")
+
+    from .serve import Limits
+    srv = sub.add_parser("serve", help="serve a trained model over HTTP: a JSON API (generate, stream, score) "
+                         "and a page to try it at /")
+    srv.add_argument("--checkpoint", metavar="DIR", required=True, help="run directory of `rnnlab train`")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
+                     "(default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int64, default=8000, metavar="N", help="port (0: any free one; "
+                     "default: 8000)")
+    add_config_args(srv, Limits)
+    _add_backend_args(srv)
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                     help="what the server logs; info logs every request (default: info)")
     return parser
 
 
@@ -320,31 +360,71 @@ def _saved(run, out, interrupt: KeyboardInterrupt) -> str:
 
 
 def cmd_generate(ns) -> int:
-    import numpy as np
-
-    from . import generate, limits, text
-    from .checkpoint import load_model
+    from . import limits
+    from .lm import LM
     g = GenerateConfig(**given(ns, GenerateConfig))
     g.validate()
-    if ns.num_samples <= 0:
-        raise RnnlabError(f"--num-samples must be positive, got {ns.num_samples}")
+    if ns.stream and ns.json:
+        raise RnnlabError("--stream prints the text as it is made and --json all of it at the end: give one")
     check_device(ns.device, ns.backend)
-    # decoding one token at a time is latency-bound: on the CPU, numpy's small calls beat torch's
-    backend = "numpy" if ns.backend == "auto" and resolve_device(ns.device) == "cpu" else ns.backend
-    set_threads(ns.threads, backend, ns.device)
-    m = load_model(ns.checkpoint, backend, ns.device)
-    tokens = text.tokenize(text.normalize_prefix(g.prefix, m.data_cfg.preprocess), m.data_cfg.token)
-    if len(tokens) == 0:
-        raise RnnlabError("the prefix is empty: give at least one character to warm up on")
-    limits.check_generate(len(m.vocab), m.model_cfg, ns.num_samples, g.num_preds, len(tokens))
-    joiner = "" if m.data_cfg.token == "char" else " "
-    outs = generate.predict(m.backend, m.vocab, tokens, g.num_preds, g.temperature,
-                            np.random.default_rng(g.seed), ns.num_samples, joiner)
+    set_threads(ns.threads, ns.backend, ns.device)
+    model = LM.load(ns.checkpoint, ns.backend, ns.device)
+    g = model.options(g)
+    prompts = [model.prompt(raw) for raw in ((g.prefix,) if g.prefix is not None else model.prompts)]
+    limits.check_generate(len(model.vocab), model.model_cfg, max(g.num_samples, g.beam), g.num_preds,
+                          max(len(p.ids) for p in prompts))
+    for note in _generate_notes(model, prompts, g):
+        print(f"rnnlab generate: note: {note}", file=sys.stderr)
+    many = len(prompts) * g.num_samples > 1
+    results = []
+    for p in prompts:
+        if ns.stream:
+            texts = _stream(model, p, g, many)
+        else:
+            texts = model.generate(p, g)
+            if not ns.json:
+                for i, t in enumerate(texts):
+                    print(f"{_header(p, i, g.num_samples)}\n{t}\n" if many else t)
+        results.append({"prompt": p.text, "samples": texts})
     if ns.json:
-        print(dumps_json({"prefix": g.prefix, "temperature": g.temperature, "seed": g.seed, "samples": outs}))
-    else:
-        print("\n".join(outs))
+        print(dumps_json({"prefix": g.prefix, "prompts": results, "temperature": g.temperature, "top_k": g.top_k,
+                          "top_p": g.top_p, "beam": g.beam, "seed": g.seed,
+                          "samples": [t for r in results for t in r["samples"]]}))
     return 0
+
+
+def _header(prompt, i: int, n: int) -> str:
+    return f"--- {prompt.text!r}, sample {i + 1} of {n} ---"
+
+
+def _stream(model, prompt, g, many: bool) -> list[str]:
+    """Print the first continuation as it is made and the others after it; return all of them."""
+    parts = [[prompt.text] for _ in range(g.num_samples)]
+    print((_header(prompt, 0, g.num_samples) + "\n" if many else "") + prompt.text, end="", flush=True)
+    for piece in model.stream(prompt, g):
+        parts[piece.sample].append(piece.text)
+        if piece.sample == 0:
+            print(piece.text, end="", flush=True)
+    print("\n" if many else "")
+    texts = ["".join(p) for p in parts]
+    for i, t in enumerate(texts[1:], start=1):
+        print(f"{_header(prompt, i, g.num_samples)}\n{t}\n")
+    return texts
+
+
+def _generate_notes(model, prompts, g) -> list[str]:
+    """What the user should know: prompt characters the vocabulary lacks, stop texts that can never appear."""
+    notes = []
+    for p in prompts:
+        if p.unknown:
+            shown = ", ".join(f"{c!r} x{n}" for c, n in list(p.unknown.items())[:5])
+            notes.append(f"the prompt {p.text!r} has characters the model's vocabulary lacks ({shown}); the model "
+                         "reads them as <unk>, an unknown character")
+    never = model.unreachable(g.stop)
+    if never:
+        notes.append(f"the model can never write the stop text(s) {', '.join(map(repr, never))}: its vocabulary "
+                     "lacks a character of them")
+    return notes
 
 
 def cmd_eval(ns) -> int:
@@ -378,9 +458,43 @@ def cmd_eval(ns) -> int:
         result = evaluate.score_stream(m.backend, tokens)
     unknown = int((tokens == m.vocab.unk).sum())
     bpc = result["bits_per_token"] if m.data_cfg.token == "char" else None
-    print(dumps_json({"corpus": str(path), "split": ns.split, **result, "bits_per_char": bpc,
-                      "unknown_tokens": unknown, "checkpoint_epoch": m.checkpoint.epoch, **extra}))
+    report = {"corpus": str(path), "split": ns.split, **result, "bits_per_char": bpc, "unknown_tokens": unknown,
+              "checkpoint_epoch": m.checkpoint.epoch, **extra}
+    print(dumps_json(report) if ns.json else _eval_summary(report, m.data_cfg.token))
     return 0
+
+
+SPLIT_NAMES = {"val": "held-out", "train": "training-split", "all": "whole-text"}
+
+
+def _per(token: str) -> tuple[str, str]:
+    """('character', 'char') or ('token', 'token'): what a figure is counted in."""
+    return ("character", "char") if token == "char" else ("token", "token")
+
+
+def _eval_summary(r: dict, token: str) -> str:
+    """`held-out perplexity 5.43, 2.441 bits/char over 17,599 characters of timemachine.txt (epoch 2)`, then a
+    line on a mixture, dynamic evaluation or unknown tokens where there is one."""
+    from .train import num
+    unit, per = _per(token)
+    how = " of the mixture" if r["mixture"] else " with dynamic evaluation" if r["dynamic"] else ""
+    lines = [(f"{SPLIT_NAMES[r['split']]} perplexity {num(r['perplexity'], '.2f')}{how}, "
+              f"{num(r['bits_per_token'], '.3f')} bits/{per} over {r['tokens']:,} {unit}s of "
+              f"{Path(r['corpus']).name} (epoch {r['checkpoint_epoch']})")]
+    if r["mixture"]:
+        mix = r["mixture"]
+        lines.append(f"mixture: {mix['model_weight']:g} x the model (perplexity {num(mix['model_perplexity'], '.2f')} "
+                     f"alone) + {1 - mix['model_weight']:g} x a {mix['ngram_order']}-gram Kneser-Ney fitted on its "
+                     f"training split ({num(mix['ngram_perplexity'], '.2f')} alone)")
+    if r["dynamic"]:
+        dyn = r["dynamic"]
+        lines.append(f"dynamic evaluation: one SGD step of lr {dyn['lr']:g} after each {dyn['num_steps']}-{per} "
+                     f"segment, decay {dyn['decay']:g}; the model adapts as it reads, so this is not a static figure")
+    if r["unknown_tokens"]:
+        n = r["unknown_tokens"]
+        lines.append(f"{n:,} {unit}{'' if n == 1 else 's'} the vocabulary lacks {'was' if n == 1 else 'were'} "
+                     "scored as <unk>")
+    return "\n".join(lines)
 
 
 def _own_data(ns, m) -> DataConfig:
@@ -424,9 +538,84 @@ def cmd_baseline(ns) -> int:
     for order in ns.order:
         result = ngram.KneserNey(order, len(ds.vocab)).fit(ds.train).score(ds.val)
         bpc = result["bits_per_token"] if data_cfg.token == "char" else None
-        print(dumps_json({"model": f"{order}-gram Kneser-Ney", "order": order, "corpus": str(ds.path),
-                          "train_tokens": len(ds.train), **result, "bits_per_char": bpc}))
+        report = {"model": f"{order}-gram Kneser-Ney", "order": order, "corpus": str(ds.path),
+                  "train_tokens": len(ds.train), **result, "bits_per_char": bpc}
+        print(dumps_json(report) if ns.json else _baseline_line(report, data_cfg.token))
     return 0
+
+
+def _baseline_line(r: dict, token: str) -> str:
+    """`5-gram Kneser-Ney: held-out perplexity 4.09, 2.032 bits/char over 17,342 characters of timemachine.txt
+    (fitted on 155,000)`."""
+    from .train import num
+    unit, per = _per(token)
+    return (f"{r['model']}: held-out perplexity {num(r['perplexity'], '.2f')}, {num(r['bits_per_token'], '.3f')} "
+            f"bits/{per} over {r['tokens']:,} {unit}s of {Path(r['corpus']).name} (fitted on {r['train_tokens']:,})")
+
+
+def cmd_score(ns) -> int:
+    from . import scorepage
+    from .fileio import atomic_write_text
+    from .lm import LM
+    raw, source = _score_text(ns)
+    if ns.max_chars < 1:
+        raise RnnlabError(f"--max-chars must be >= 1, got {ns.max_chars}")
+    if len(raw) > ns.max_chars:
+        raise RnnlabError(f"{source} has {len(raw):,} characters, more than --max-chars {ns.max_chars:,}: scoring "
+                          "takes one model step per character (about 5-20K a second on a CPU); raise --max-chars "
+                          "to score all of it, or score a part")
+    if ns.html:
+        _check_writable(ns.html, "--html")
+    check_device(ns.device, ns.backend)
+    set_threads(ns.threads, ns.backend, ns.device)
+    model = LM.load(ns.checkpoint, ns.backend, ns.device)
+    if not 0 <= ns.top <= len(model.vocab):
+        raise RnnlabError(f"--top must be between 0 and {len(model.vocab)}, the vocabulary's size, got {ns.top}")
+    scored = model.score(raw, ns.top)
+    about = {"source": source, "checkpoint": str(ns.checkpoint), "epoch": model.checkpoint.epoch}
+    if scored.unknown:
+        print(f"rnnlab score: note: {scorepage.unknown_line(scored)}", file=sys.stderr)
+    if ns.html:
+        atomic_write_text(ns.html, scorepage.html_page(scored, **about))
+        print(f"rnnlab score: wrote {ns.html}", file=sys.stderr)
+    if ns.json:
+        print(dumps_json(scorepage.document(scored, **about)))
+    else:
+        print(scorepage.tsv(scored) if ns.tsv else scorepage.summary_text(scored, **about))
+    return 0
+
+
+def _score_text(ns) -> tuple[str, str]:
+    """(text, where it came from): --text, FILE read as UTF-8, or stdin for '-'."""
+    from .corpora import read_text
+    if (ns.file is None) == (ns.text is None):
+        raise RnnlabError("give the text to score as a FILE ('-' for stdin) or as --text TEXT" if ns.file is None
+                          else "give the text to score as a FILE or as --text, not both")
+    if ns.text is not None:
+        if not ns.text:
+            raise RnnlabError("--text is empty: give at least 2 characters to score")
+        return ns.text, "the text given"
+    if ns.file != "-":
+        return read_text(Path(ns.file)), Path(ns.file).name
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise RnnlabError(f"stdin is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    if not text:
+        raise RnnlabError("stdin is empty: give at least 2 characters to score")
+    return text, "stdin"
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Refuse, before any work, a file that cannot be written: no such directory, or a directory itself."""
+    p = Path(path)
+    if not path.strip() or p.is_dir():
+        raise RnnlabError(f"{flag} {path!r} is a directory, not a file" if path.strip() else f"{flag} is empty")
+    if not p.parent.is_dir():
+        raise RnnlabError(f"{flag} {path}: the directory {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise RnnlabError(f"{flag} {path}: the directory {p.parent} is not writable")
 
 
 def cmd_sweep(ns) -> int:
@@ -468,8 +657,33 @@ def cmd_corpora(ns) -> int:
     return 0
 
 
+def cmd_serve(ns) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise RnnlabError(f"the server needs {e.name or 'fastapi and uvicorn'}, which is not installed: "
+                          "pip install 'rnnlab[serve]'") from None
+    from .lm import LM
+    from .serve import Limits
+    from .serve.app import create_app, listen, run, url_of
+    limits = Limits(**given(ns, Limits))
+    limits.validate()
+    check_device(ns.device, ns.backend)
+    set_threads(ns.threads, ns.backend, ns.device)
+    model = LM.load(ns.checkpoint, ns.backend, ns.device)
+    app = create_app(model, limits)
+    sock = listen(ns.host, ns.port)
+    m = model.model_cfg
+    print(f"rnnlab serve: {m.cell} {m.num_layers}x{m.num_hiddens} from {ns.checkpoint} on {url_of(sock)} "
+          "(Ctrl-C stops)", flush=True)
+    run(app, sock, ns.log_level)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "corpora": cmd_corpora,
-            "bench": cmd_bench, "baseline": cmd_baseline, "sweep": cmd_sweep}
+            "score": cmd_score, "bench": cmd_bench, "baseline": cmd_baseline, "sweep": cmd_sweep,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     except RnnlabError as e:
         print(f"rnnlab {ns.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:   # the reader of stdout went away (`rnnlab score --tsv | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # nothing more to flush at exit
+        return 141                                                          # as a process SIGPIPE ends
     except OSError as e:      # a file rnnlab could not write or read: the disk, permissions, a bad path
         name = e.filename2 or e.filename          # a failed rename names its target second
         where = f"{name}: " if name else ""

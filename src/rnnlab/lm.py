@@ -105,11 +105,21 @@ class LM:
         return tuple(self.train_cfg.prefixes) if self.train_cfg and self.train_cfg.prefixes else ("\n",)
 
     def prompt(self, raw: str) -> Prompt:
-        """A user's prompt normalised as the training text was, as ids; an error when nothing is left."""
-        tokens = text.tokenize(text.normalize_prefix(raw, self.data_cfg.preprocess), self.data_cfg.token)
-        if len(tokens) == 0:
+        """A user's prompt mapped into the model's alphabet (`text.normalize_prefix`: a trailing space stays,
+        a line break under d2l becomes a space), as ids; an error when nothing is left."""
+        normalised = text.normalize_prefix(raw, self.data_cfg.preprocess)
+        if not text.tokenize(normalised, self.data_cfg.token):
             raise RnnlabError("the prompt is empty once normalised: give at least one character to warm up on")
-        ids = np.array(self.vocab[list(tokens)], dtype=np.int64)
+        return self._encode(normalised)
+
+    def read(self, raw: str) -> Prompt:
+        """A whole text preprocessed exactly as the training text was (`text.preprocess`, as `rnnlab eval`
+        reads a file: under d2l, lines are stripped and joined), as ids."""
+        return self._encode(text.preprocess(raw, self.data_cfg.preprocess, self.data_cfg.token))
+
+    def _encode(self, normalised: str) -> Prompt:
+        tokens = list(text.tokenize(normalised, self.data_cfg.token))
+        ids = np.array(self.vocab[tokens], dtype=np.int64)
         unknown = Counter(t for t, i in zip(tokens, ids) if i == self.vocab.unk and t != "<unk>")
         return Prompt(self.joiner.join(tokens), ids, dict(unknown.most_common()))
 
@@ -157,11 +167,14 @@ class LM:
     # --- scoring -----------------------------------------------------------------------------------------------
 
     def score(self, raw: str, top: int = 5) -> Scored:
-        """Score every token of a text given the ones before it, the state carried: the arithmetic of
-        `rnnlab eval` (`evaluate.stream_nll`), here with the K most likely tokens at each position."""
-        p = self.prompt(raw)
+        """Score every token of a text given the ones before it, the state carried: the text read and scored
+        as `rnnlab eval --split all` reads and scores a file (`evaluate.stream_nll`), here with the K most
+        likely tokens at each position."""
+        p = self.read(raw)
         if len(p.ids) < 2:
-            raise RnnlabError("the text has one token: at least 2 are needed to score (the first is context)")
+            unit = "characters" if self.data_cfg.token == "char" else "words"
+            raise RnnlabError(f"the text has {len(p.ids)} {unit[:-1] if len(p.ids) == 1 else unit} once "
+                              f"preprocessed: at least 2 are needed to score (the first is context)")
         if not 0 <= top <= len(self.vocab):
             raise RnnlabError(f"the alternatives shown must be between 0 and {len(self.vocab)}, got {top}")
         step, state = self.backend.decoder(), self.backend.begin_state(1)
