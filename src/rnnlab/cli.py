@@ -1,4 +1,4 @@
-"""Command-line interface: `rnnlab train | generate | eval | corpora`.
+"""Command-line interface: `rnnlab train | generate | eval | score | baseline | sweep | bench | corpora | serve`.
 
 Flags are generated from the config dataclasses (one flag per field, its help and default shown in --help).
 Entry points are thin: parse, build configs, call the library, print. `main(argv)` returns the exit code.

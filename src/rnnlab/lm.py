@@ -170,6 +170,8 @@ class LM:
         """Score every token of a text given the ones before it, the state carried: the text read and scored
         as `rnnlab eval --split all` reads and scores a file (`evaluate.stream_nll`), here with the K most
         likely tokens at each position."""
+        if not raw:
+            raise RnnlabError("the text is empty: at least 2 characters are needed to score (the first is context)")
         p = self.read(raw)
         if len(p.ids) < 2:
             unit = "characters" if self.data_cfg.token == "char" else "words"

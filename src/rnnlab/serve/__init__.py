@@ -1,4 +1,5 @@
-"""`rnnlab serve`: a trained model over HTTP. `app.py` holds the handlers (JSON in, `lm.LM` called, JSON out),
+"""`rnnlab serve`: a trained model over HTTP. `app.py` holds the endpoints (JSON in, `lm.LM` called, JSON out),
+`api.py` the request models and JSON errors, `gate.py` the limit on concurrent decodes and request bodies,
 `static/` the page at `/`, `loadtest.py` a small load generator. This module holds only what the command line
 needs without the `serve` extra installed: the server's limits.
 
