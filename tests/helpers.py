@@ -87,6 +87,13 @@ def assert_bf16_close(exact, low, params, V=28, B=8, T=12):
         assert g2[name].dtype == low.params[name].dtype == torch.float32
 
 
+def assert_bf16_scoring(exact, low, tokens):
+    """A bf16-matmul backend scores with bf16 matmuls, as it trains: close to float32, not equal, and said so."""
+    a, b = evaluate.score_stream(exact, tokens), evaluate.score_stream(low, tokens)
+    assert a["perplexity"] != b["perplexity"] and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-2)
+    assert (a["scoring"]["matmul_dtype"], b["scoring"]["matmul_dtype"]) == ("float32", "bfloat16")
+
+
 def assert_weight_drop_is_an_argument(fast, params, V=5, B=2, T=3):
     """Weight-drop masks passed to `fast.loss_and_grads` give the reference's loss of W * M and a gradient
     carrying M, and never change the backend's weights (float64)."""

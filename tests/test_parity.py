@@ -6,8 +6,8 @@ Runs on CUDA too when it is present.
 import numpy as np
 import pytest
 
-from helpers import (ARCHS, as_np, assert_bf16_close, assert_weight_drop_is_an_argument, random_batch, random_params,
-                     random_state, rel_err)
+from helpers import (ARCHS, as_np, assert_bf16_close, assert_bf16_scoring, assert_weight_drop_is_an_argument,
+                     random_batch, random_params, random_state, rel_err)
 from rnnlab import cells, evaluate, decoding, network, optim
 from rnnlab.backends import make_backend
 from rnnlab.errors import RnnlabError
@@ -188,7 +188,7 @@ def test_autocast_bf16_stays_close_to_float32(arch):
     exact, low = TorchBackend(params), TorchBackend(params, matmul_dtype="bfloat16")
     assert_bf16_close(exact, low, params, V, B, T)
     tokens = np.random.default_rng(5).integers(0, V, 200)
-    assert evaluate.score_stream(low, tokens) == evaluate.score_stream(exact, tokens)
+    assert_bf16_scoring(exact, low, tokens)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

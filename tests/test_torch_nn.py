@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from helpers import (ARCHS, as_np, assert_bf16_close, assert_dynamic_evaluation_agrees,
+from helpers import (ARCHS, as_np, assert_bf16_close, assert_bf16_scoring, assert_dynamic_evaluation_agrees,
                      assert_weight_drop_is_an_argument, random_batch, random_params, random_state, rel_err,
                      reversed_load)
 from rnnlab import cells, checkpoint, evaluate, decoding, network, optim, train
@@ -179,7 +179,7 @@ def test_autocast_bf16_stays_close_to_float32(arch):
     exact, low = TorchNNBackend(params), TorchNNBackend(params, matmul_dtype="bfloat16")
     assert_bf16_close(exact, low, params, V, B, T)
     tokens = np.random.default_rng(5).integers(0, V, 200)
-    assert evaluate.score_stream(low, tokens) == evaluate.score_stream(exact, tokens)    # scoring: float32
+    assert_bf16_scoring(exact, low, tokens)
 
 
 # ---- training, scoring, decoding ----

@@ -357,11 +357,14 @@ class LoadedModel:
     train_cfg: object = None
 
 
-def load_model(directory, backend: str = "auto", device: str = "cpu") -> LoadedModel:
-    """Load a checkpoint onto any backend (trained with torch, decoded with numpy, or the other way)."""
+def load_model(directory, backend: str = "auto", device: str = "cpu", matmul_dtype: str = "same") -> LoadedModel:
+    """Load a checkpoint onto any backend (trained with torch, decoded with numpy, or the other way);
+    `matmul_dtype="bfloat16"` scores with bf16 matmul operands on torch (float32 models only)."""
     from .backends import make_backend
 
     ckpt = load(directory)
     data_cfg, model_cfg, train_cfg, vocab = read_configs(ckpt, directory)
-    return LoadedModel(make_backend(backend, ckpt.params, model_cfg.activation, device,
-                                    dropout=model_cfg.dropout), vocab, data_cfg, model_cfg, ckpt, train_cfg)
+    if matmul_dtype == "bfloat16" and train_cfg.dtype != "float32":
+        raise RnnlabError(f"--matmul-dtype bfloat16 needs a float32 model; this one is {train_cfg.dtype}")
+    return LoadedModel(make_backend(backend, ckpt.params, model_cfg.activation, device, dropout=model_cfg.dropout,
+                                    matmul_dtype=matmul_dtype), vocab, data_cfg, model_cfg, ckpt, train_cfg)

@@ -25,6 +25,12 @@ def option(default: Any, help: str, choices: tuple | None = None, flag: str | No
     return dataclasses.field(default=default, metadata=meta)
 
 
+EVAL_BATCH_HELP = ("held-out scoring: 1 = one stream, batch 1, exact; K = K contiguous pieces of the stream "
+                   "scored side by side as one batch, each after a warm-up (--eval-warmup), faster; 0 = auto: 1 "
+                   "up to 50,000 tokens, 32 above")
+EVAL_WARMUP_HELP = "with --eval-batch > 1: every piece but the first first reads the W tokens before it, uncounted"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which text, how it becomes tokens, and how it is split."""
@@ -43,6 +49,9 @@ class DataConfig:
     token: str = option("char", "token type", choices=("char", "word"))
     max_tokens: int = option(10000, "train on at most the first N tokens of the training split (<= 0: all)")
     val_fraction: float = option(0.1, "last fraction of the encoded corpus held out, never trained on")
+    prepared: str | None = option(None, "train on a text prepared by `rnnlab prepare TEXT --out DIR`, read from "
+                                        "disk (its preprocess, token and val_fraction apply)", flag="data",
+                                  metavar="DIR")
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,12 @@ class TrainConfig:
     eval_every: str = option("", "evaluate, log, sample and checkpoint every N epochs ('2', '2epochs') or every "
                                  "N minibatch steps ('500steps'), mid-epoch too (default: every --log-every "
                                  "epochs)", metavar="N[epochs|steps]")
+    eval_batch: int = option(0, EVAL_BATCH_HELP, metavar="K")
+    eval_warmup: int = option(256, EVAL_WARMUP_HELP, metavar="W")
+    val_max_tokens: int = option(0, "score at most N held-out tokens at each evaluation while training (0: all): "
+                                    "about N/K from the start of each of the K pieces (with one stream, its "
+                                    "first N), the same tokens every time; the last evaluation scores the whole "
+                                    "split")
     save_every: str = option("", "also checkpoint every N epochs or N steps between evaluations ('200steps'); "
                                  "a mid-epoch checkpoint resumes exactly (default: at each evaluation only)",
                              metavar="N[epochs|steps]")
@@ -133,6 +148,24 @@ class TrainConfig:
     sample_every: int = option(0, "draw the logged samples every N epochs, at an evaluation (0: at every one)")
     threads: int = option(0, "torch CPU threads (0: the CPUs this process may use less the load of other "
                              "processes, at most 8)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How `rnnlab eval` scores; the training flags of the same names score a run's evaluations alike."""
+
+    eval_batch: int = option(0, EVAL_BATCH_HELP, metavar="K")
+    eval_warmup: int = option(256, EVAL_WARMUP_HELP, metavar="W")
+    val_max_tokens: int = option(0, "score at most N tokens of the split (0: all): about N/K from the start of "
+                                    "each of the K pieces (with one stream, its first N)")
+    matmul_dtype: str = option("same", "torch: dtype of matmul operands while scoring: same = the weights' "
+                                       "(exact); bfloat16 = as a run trained with bf16 matmuls scores its "
+                                       "evaluations", choices=("same", "bfloat16"))
+
+    def validate(self) -> None:
+        for flag, value in (("--eval-batch", self.eval_batch), ("--eval-warmup", self.eval_warmup),
+                            ("--val-max-tokens", self.val_max_tokens)):
+            _non_negative(flag, value)
 
 
 @dataclass(frozen=True)
@@ -181,10 +214,12 @@ class GenerateConfig:
                                   f"--beam {self.num_samples} or more")
 
 
-# Fields that define what a run computes; on --resume they must match the checkpoint. The corpus is not
-# among them: the same file may be spelled another way or have moved, so its SHA-256 decides instead.
+# Fields that define what a run computes; on --resume they must match the checkpoint. The corpus and the
+# prepared directory are not among them: the same file may be spelled another way or have moved, so its
+# SHA-256 decides instead.
 RUN_DEFINING = {
-    "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name not in ("data_dir", "corpus")),
+    "data": tuple(f.name for f in dataclasses.fields(DataConfig)
+                  if f.name not in ("data_dir", "corpus", "prepared")),
     "model": tuple(f.name for f in dataclasses.fields(ModelConfig)),
     "train": ("batch_size", "num_steps", "theta", "clip_mode", "optimizer", "momentum", "weight_decay",
               "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "state", "seed", "dtype"),
@@ -228,6 +263,7 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
                           f"not {train.dtype}")
     every(train.eval_every, "--eval-every")
     every(train.save_every, "--save-every")
+    EvalConfig(train.eval_batch, train.eval_warmup, train.val_max_tokens).validate()
     _non_negative("--num-preds", train.num_preds)
     _non_negative("--sample-every", train.sample_every)
     _non_negative("--threads", train.threads)

@@ -66,11 +66,12 @@ def apply(name: str, data: dict, model: dict, train: dict) -> tuple[dict, dict, 
     return {**preset["data"], **data}, {**preset["model"], **model}, {**preset["train"], **train}
 
 
-def _text_note() -> str:
-    """What `--preset text` sets, in one line, read from the preset itself."""
+def _text_note(preprocess: str | None = None) -> str:
+    """What `--preset text` sets, in one line, read from the preset itself (with the preprocessing of a
+    prepared text, which decides over the preset's)."""
     data, model, train = (PRESETS["text"][part] for part in ("data", "model", "train"))
     return (f"using the defaults for your own text (--preset text; flags given override them): "
-            f"{data['preprocess']} preprocessing, all of the text, a {model['num_layers']}-layer "
+            f"{preprocess or data['preprocess']} preprocessing, all of the text, a {model['num_layers']}-layer "
             f"{model['cell'].upper()} (H={model['num_hiddens']}), {train['optimizer']} lr {train['lr']:g} "
             f"{train['schedule']} over about 8M training tokens, at most {train['time_budget']:g} min, prompts "
             "from the text; --preset book for the book's")
@@ -87,7 +88,7 @@ def resolve(preset: str | None, data: dict, model: dict, train: dict) -> tuple[d
     """
     note = None
     if preset is None and data.get("corpus", BOOK_CORPUS) != BOOK_CORPUS:
-        preset, note = "text", _text_note()
+        preset, note = "text", _text_note(data.get("preprocess") if data.get("prepared") else None)
     if preset is None:
         return dict(data), dict(model), dict(train), None
     prefixes_given = "prefixes" in train

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cells, checkpoint, corpora, evaluate, limits, optim, rundir, samplers, text
+from . import cells, checkpoint, corpora, distributed, evaluate, limits, optim, prepared, rundir, samplers, text
 from .backends import device_of, make_backend, set_threads
 from .config import RUN_DEFINING, DataConfig, ModelConfig, TrainConfig, resets_state, to_dict, validate_sizes
 from .errors import RnnlabError
@@ -30,13 +32,15 @@ from .fileio import finite_or_none, sha256_file
 
 @dataclass
 class Dataset:
-    """The encoded corpus split into its training part and its held-out part, with the vocabulary."""
+    """The encoded corpus split into its training part and its held-out part, with the vocabulary. From a
+    prepared text (--data DIR), train and val are slices of its token file, read with np.memmap."""
     train: np.ndarray
     val: np.ndarray
     vocab: text.Vocab
     path: Path
     sha256: str
     notes: list[str] = field(default_factory=list)      # what the preprocessing report had to say
+    tokens_sha256: str | None = None                    # a prepared text's token file, recorded in checkpoints
 
 
 def encode(cfg: DataConfig, vocab: text.Vocab | None = None,
@@ -44,7 +48,11 @@ def encode(cfg: DataConfig, vocab: text.Vocab | None = None,
     """(tokens, vocab, file, sha256, notes): the whole corpus read, preprocessed and encoded (with `vocab`, or
     one built over the whole text as the book does; `legacy` preprocessing builds the early notebook's, over the
     training text only), with the absolute path of the file it came from, the SHA-256 of its bytes and, with
-    `report`, a note when the preprocessing drops or changes a large share of the text."""
+    `report`, a note when the preprocessing drops or changes a large share of the text. A prepared text
+    (cfg.prepared) is its token file, read with np.memmap, and the source it was prepared from."""
+    if cfg.prepared:
+        data = _prepared(cfg, vocab)
+        return np.asarray(data.tokens), data.vocab, data.source, data.meta["source"]["sha256"], []
     raw, path, digest = corpora.load(cfg.corpus, cfg.data_dir)
     notes = preprocessing_notes(cfg, raw) if report else []
     try:
@@ -59,9 +67,21 @@ def encode(cfg: DataConfig, vocab: text.Vocab | None = None,
 
 def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool = False) -> Dataset:
     """Read, preprocess, encode (see `encode`) and split."""
+    if cfg.prepared:
+        data = _prepared(cfg, vocab)
+        train, val = evaluate.split(np.asarray(data.tokens), data.meta["val_fraction"], cfg.max_tokens)
+        return Dataset(train, val, data.vocab, data.source, data.meta["source"]["sha256"],
+                       tokens_sha256=data.meta["tokens_sha256"])
     corpus, vocab, path, digest, notes = encode(cfg, vocab, report)
     train, val = evaluate.split(corpus, cfg.val_fraction, cfg.max_tokens)
     return Dataset(train, val, vocab, path, digest, notes)
+
+
+def _prepared(cfg: DataConfig, vocab: text.Vocab | None) -> prepared.Prepared:
+    """The prepared text of `cfg`, checked (its token file's SHA-256 too), with `vocab` when one is given."""
+    data = prepared.load(cfg.prepared)
+    data.check_vocab(vocab)
+    return data
 
 
 def run_corpus(ckpt: checkpoint.Checkpoint, where, data_dir: str | None = None, given: str | None = None) -> str:
@@ -69,8 +89,11 @@ def run_corpus(ckpt: checkpoint.Checkpoint, where, data_dir: str | None = None, 
     name; a file at the path recorded when its SHA-256 is still the one recorded, else (moved or changed) the
     file of the same name with that SHA-256 along the data path (`data_dir`, $RNNLAB_DATA, the cache), in the
     current directory or beside the checkpoint. `given` (--corpus on resuming) is taken when it is the same
-    text, whatever its spelling or place. Anything else is one line saying where it looked."""
+    text, whatever its spelling or place. Anything else is one line saying where it looked. A run on a prepared
+    text keeps the corpus it records: its tokens come from the prepared directory (`prepared.of_checkpoint`)."""
     recorded, sha = ckpt.config["data"]["corpus"], ckpt.extra.get("corpus_sha256")
+    if ckpt.config["data"].get("prepared"):
+        return recorded
     if given is not None:
         return _same_corpus(given, recorded, sha, where, data_dir)
     if recorded in corpora.CORPORA or sha is None:       # a name, or a checkpoint older than corpus hashes
@@ -167,6 +190,7 @@ class Run:
     saved_step: int | None = None     # the step of the checkpoint in `out`
     changes: list[dict] = field(default_factory=list)  # settings changed on resuming, each with where
     init_from: dict | None = None     # the checkpoint whose weights this run started from, if any
+    world: distributed.World = distributed.ALONE   # the ranks training it together (distributed.py)
 
     def where(self) -> str:
         """The run's place for a message: 'epoch 3' at a boundary, else 'epoch 4, minibatch 120 (step 1356)'."""
@@ -208,7 +232,7 @@ def _optimizer(cfg: TrainConfig) -> optim.Optimizer:
 def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
     """Load the data and initialise the parameters from the seed (the book's scheme by default)."""
     validate_sizes(data_cfg, model_cfg, train_cfg)
-    data_cfg = dataclasses.replace(data_cfg, corpus=corpora.canonical(data_cfg.corpus))
+    data_cfg = prepared.resolve(dataclasses.replace(data_cfg, corpus=corpora.canonical(data_cfg.corpus)))
     dataset = load_dataset(data_cfg, report=True)
     _check_trainable(dataset, train_cfg)
     limits.check_train(len(dataset.vocab), model_cfg, train_cfg)       # before any big allocation
@@ -243,7 +267,8 @@ def preprocessing_notes(data_cfg: DataConfig, raw: str) -> list[str]:
     return [line] if line else []
 
 
-def resume_run(out, data: dict | None = None, model: dict | None = None, train: dict | None = None) -> Run:
+def resume_run(out, data: dict | None = None, model: dict | None = None, train: dict | None = None,
+               world: distributed.World = distributed.ALONE) -> Run:
     """Rebuild a run from the checkpoint in `out`.
 
     `data`, `model`, `train` hold settings given anew (e.g. {"num_epochs": 1000}). Those that do not alter
@@ -251,7 +276,7 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
     are the ones that steer it from here on without making it inexact (the learning rate, the schedule's
     horizon --num-epochs, the time budget, early stopping), each recorded in the checkpoint and the next
     metrics record; one that would change what was already computed (a size, the seed, the corpus, the
-    sampling, ...) is refused.
+    sampling, ...) is refused. `world`: the ranks that resume it together (any number that divides the batch).
     """
     rundir.check_entries(Path(out))
     ckpt = checkpoint.load(out)
@@ -265,7 +290,8 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
                                   "resumed run keeps its settings (start a new --out to change them)")
     data_cfg = dataclasses.replace(data_cfg, **changes["data"])
     data_cfg = dataclasses.replace(data_cfg, corpus=run_corpus(ckpt, out, data_cfg.data_dir,
-                                                               changes["data"].get("corpus")))
+                                                               changes["data"].get("corpus")),
+                                   prepared=prepared.of_checkpoint(ckpt, out, changes["data"].get("prepared")))
     before, train_cfg = train_cfg, dataclasses.replace(train_cfg, **changes["train"])
     if train_cfg.num_epochs == 0:
         raise RnnlabError("--num-epochs 0 (sized to the text) is for a new run; a resumed run needs the epoch "
@@ -299,12 +325,12 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
               float(extra.get("lr_scale", 1.0)), int(extra.get("rollbacks", 0)), out=Path(out),
               saved_epoch=ckpt.epoch, notes=[*([note] if note else []), *_schedule_note(ckpt, train_cfg)],
               run_id=extra.get("run_id"), step=step, saved_step=step,
-              changes=[*extra.get("changes", []), *changed], init_from=extra.get("init_from"))
+              changes=[*extra.get("changes", []), *changed], init_from=extra.get("init_from"), world=world)
     run.events.extend(changed)
     run.notes.extend(f"--{c['setting'].replace('_', '-')} changes from {c['from']!r} to {c['to']!r} at "
                      f"{run.where()}" for c in changed)
     try:
-        run.position = _position(ckpt, backend)
+        run.position = _position(ckpt, backend, world)
     except (TypeError, ValueError) as e:
         raise RnnlabError(f"corrupt checkpoint {out}: bad position ({e})") from None
     return run
@@ -345,6 +371,8 @@ def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
              "loss_level": finite_or_none(run.loss_level), "lr_scale": run.lr_scale, "rollbacks": run.rollbacks,
              "run_id": run.run_id, "step": run.step,
              "vocab_token_freqs": [list(tf) for tf in run.dataset.vocab.token_freqs]}
+    if run.dataset.tokens_sha256:
+        extra["prepared_tokens_sha256"] = run.dataset.tokens_sha256
     if run.changes:
         extra["changes"] = [dict(c) for c in run.changes]
     if run.init_from is not None:
@@ -356,7 +384,7 @@ def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
         stats = {f.name: getattr(position.stats, f.name) for f in dataclasses.fields(EpochStats)}
         extra["position"] = {"batch": position.batch, "epoch_rng_state": position.epoch_rng_state,
                              "carried_state": carried, "stats": stats}
-        state = state_to_numpy(position.state) if carried else None
+        state = state_to_numpy(run.world.gather_state(position.state)) if carried else None   # all B rows
     return checkpoint.Checkpoint(params=params, config=cfg, vocab=run.dataset.vocab.idx_to_token,
                                  epoch=run.epoch, rng_state=run.rng.bit_generator.state, optimizer=opt_meta,
                                  extra=extra, optimizer_arrays=opt_arrays, state=state)
@@ -381,13 +409,33 @@ def state_from_numpy(backend, state: np.ndarray):
     return backend._put(state.astype(np.asarray(zeros).dtype))     # jax
 
 
-def _position(ckpt: checkpoint.Checkpoint, backend) -> Position | None:
-    """The mid-epoch position a checkpoint holds, rebuilt for `backend`; None at an epoch's boundary."""
+def _position(ckpt: checkpoint.Checkpoint, backend, world: distributed.World) -> Position | None:
+    """The mid-epoch position a checkpoint holds, rebuilt for `backend` with this rank's rows of the carried
+    state; None at an epoch's boundary."""
     saved = ckpt.extra.get("position")
     if saved is None:
         return None
-    state = None if ckpt.state is None else state_from_numpy(backend, ckpt.state)
+    rows = world.rows(ckpt.config["train"]["batch_size"])
+    state = None if ckpt.state is None else state_from_numpy(backend, ckpt.state[:, rows])
     return Position(saved["epoch_rng_state"], saved["batch"], state, EpochStats(**saved["stats"]))
+
+
+PER_RANK = {"data": ("corpus", "data_dir", "prepared"), "train": ("device", "threads")}   # may differ by rank
+
+
+def fingerprint(run: Run) -> dict:
+    """What every rank of a run must share (distributed.World.same): its settings (less where each rank finds
+    its text and runs), its text and vocabulary by their hashes, where it stands, and its weights' hash."""
+    params = run.backend.numpy_params()
+    weights = hashlib.sha256()
+    for name in sorted(params):
+        weights.update(name.encode() + np.ascontiguousarray(params[name]).tobytes())
+    vocab = hashlib.sha256(json.dumps(run.dataset.vocab.idx_to_token).encode()).hexdigest()
+    settings = {f"--{name.replace('_', '-')}": value
+                for section, cfg in (("data", run.data_cfg), ("model", run.model_cfg), ("train", run.train_cfg))
+                for name, value in to_dict(cfg).items() if name not in PER_RANK.get(section, ())}
+    return {**settings, "the text": run.dataset.sha256, "the vocabulary": vocab,
+            "the training tokens": len(run.dataset.train), "the step": run.step, "the weights": weights.hexdigest()}
 
 
 def checkpoint_step(ckpt: checkpoint.Checkpoint, train_tokens: int, cfg: TrainConfig) -> int:
@@ -406,7 +454,7 @@ def restore(run: Run, ckpt: checkpoint.Checkpoint) -> None:
     run.rng.bit_generator.state = ckpt.rng_state
     run.epoch = ckpt.epoch
     run.step = checkpoint_step(ckpt, len(run.dataset.train), run.train_cfg)
-    run.position = _position(ckpt, run.backend)
+    run.position = _position(ckpt, run.backend, run.world)
     run.records = [r for r in run.records if not rundir.after(r, ckpt.epoch, run.step)]
     extra = ckpt.extra
     run.best_val_nats = math.inf if extra["best_val_nats"] is None else extra["best_val_nats"]
@@ -453,11 +501,12 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
     if data.get("token", src_data.token) != src_data.token:
         raise RnnlabError(f"--token {data['token']} differs from the model in {source}, which reads "
                           f"{src_data.token} tokens")
-    if "corpus" in data:
-        data["corpus"] = corpora.canonical(data["corpus"])
-    else:                                          # the source's own text, wherever it is now
+    if "corpus" in data and "prepared" not in data:
+        data["corpus"], data["prepared"] = corpora.canonical(data["corpus"]), None
+    elif "prepared" not in data:                   # the source's own text, wherever it is now
         data["corpus"] = run_corpus(ckpt, source, data.get("data_dir", src_data.data_dir))
-    data_cfg = dataclasses.replace(src_data, **data)
+        data["prepared"] = prepared.of_checkpoint(ckpt, source)
+    data_cfg = prepared.resolve(dataclasses.replace(src_data, **data))
     model_cfg = dataclasses.replace(src_model, **model)
     train_cfg = dataclasses.replace(src_train, **train)
     validate_sizes(data_cfg, model_cfg, train_cfg)
@@ -479,6 +528,8 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
 
 def _unknown_tokens(dataset: Dataset, data_cfg: DataConfig, source, on_unknown: str) -> list[str]:
     """Refuse (or note, with on_unknown="unk") the tokens of the corpus the vocabulary lacks, with examples."""
+    if dataset.tokens_sha256:          # a prepared text, whose vocabulary is the model's (checked on loading)
+        return []
     unk = dataset.vocab.unk
     count = int((dataset.train == unk).sum() + (dataset.val == unk).sum())
     if count == 0:

@@ -242,6 +242,7 @@ def check_extra(extra: dict, where: str) -> dict:
     checks = {
         "corpus_path": string,
         "corpus_sha256": _sha256_or_null,
+        "prepared_tokens_sha256": _sha256_or_null,
         "train_tokens": count,
         "val_tokens": count,
         "backend": string,

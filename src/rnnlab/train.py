@@ -38,12 +38,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import checkpoint, evaluate, network, optim, rundir, samplers
+from . import checkpoint, distributed, evaluate, network, optim, rundir, samplers
 from .config import TrainConfig, eval_cadence, every, resets_state
 from .errors import Diverged, RnnlabError
 from .fileio import finite_or_none
 from .lm import LM
-from .runstate import EpochStats, Position, Run, _check_trainable, make_checkpoint, restore
+from .runstate import EpochStats, Position, Run, _check_trainable, fingerprint, make_checkpoint, restore
 from .rundir import read_metrics  # noqa: F401  (the library's entry points, used via train)
 from .runstate import load_dataset, new_run, resume_run, start_from  # noqa: F401
 
@@ -64,7 +64,8 @@ def batches_per_epoch(num_tokens: int, cfg: TrainConfig) -> int:
 
 def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
                 optimizer: optim.Optimizer, epoch: int, position: Position, dropout: float = 0.0,
-                weight_drop: float = 0.0, lr_scale: float = 1.0) -> Iterator[EpochStats]:
+                weight_drop: float = 0.0, lr_scale: float = 1.0,
+                world: distributed.World = distributed.ALONE) -> Iterator[EpochStats]:
     """Train the minibatches of one epoch from `position` on (the book's `train_epoch_ch8`), advancing
     `position` and yielding each minibatch's own totals after its update; `epoch` counts the epochs done
     before this one, for the schedule.
@@ -72,7 +73,11 @@ def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
     The sampler draws this epoch's offset and order from `rng` as it stood when the epoch began
     (`position.epoch_rng_state`); a position part-way through (a mid-epoch checkpoint) skips the minibatches
     already trained and goes on with `rng` as it is now, so a resumed epoch draws exactly the minibatches and
-    masks an uninterrupted one would. Raises Diverged as soon as a loss or gradient norm is not finite."""
+    masks an uninterrupted one would. Raises Diverged as soon as a loss or gradient norm is not finite.
+
+    With several ranks (`world`), every rank draws the whole minibatch and its masks and trains its own rows;
+    the loss and gradients are the ranks' mean before clipping (distributed.py), and the totals count all B
+    rows."""
     stats, reset = position.stats, resets_state(cfg)
     arch = getattr(backend, "arch", None)
     dtype = np.dtype(cfg.dtype)
@@ -83,14 +88,18 @@ def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
     if position.batch:
         minibatches = itertools.islice(minibatches, position.batch, None)
         rng.bit_generator.state = now
+    rows, num_targets = world.rows(cfg.batch_size), cfg.batch_size * cfg.num_steps
     start = time.perf_counter()
     for X, Y in minibatches:
+        masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens,
+                                      dtype) if dropout else None                        # (L, T, B, H)
+        weight_masks = network.weight_drop_masks(rng, weight_drop, arch, dtype) if weight_drop else None
+        if world.distributed:                                    # this rank's rows: (B/N, T), (L, T, B/N, H)
+            X, Y, masks = X[rows], Y[rows], None if masks is None else masks[:, :, rows]
         if position.state is None or reset:
             position.state = backend.begin_state(X.shape[0])
-        masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens,
-                                      dtype) if dropout else None
-        weight_masks = network.weight_drop_masks(rng, weight_drop, arch, dtype) if weight_drop else None
         loss, grads, state = backend.loss_and_grads(X, Y, position.state, masks, weight_masks)   # detached
+        loss, grads = world.mean(loss, grads)                    # the mean over all B rows
         grads, norm, clipped = optim.clip(grads, cfg.theta, cfg.clip_mode)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise Diverged(f"the {'loss' if not math.isfinite(loss) else 'gradient'} is not finite in "
@@ -99,7 +108,7 @@ def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
         backend.update(lambda params: optimizer.step(params, grads, lr))
         position.state = state
         position.batch += 1
-        step = EpochStats(loss * Y.size, Y.size, time.perf_counter() - start, 1, int(clipped))
+        step = EpochStats(loss * num_targets, num_targets, time.perf_counter() - start, 1, int(clipped))
         stats.add(step)
         yield step
         start = time.perf_counter()
@@ -156,13 +165,15 @@ def progress(run: Run) -> float:
 def make_record(run: Run, epoch: EpochStats, window: EpochStats, val: dict, sample_text: dict) -> dict:
     """One metrics.jsonl line: train ppl of the latest epoch (so far, when taken mid-epoch); speed and
     clipping over the steps since the previous record, training time only; where the run is (epochs done,
-    global step, fractional epochs); the exact path that trained (numpy, torch-fused, ...); the rollbacks
-    and the settings changed on resuming since then, if any."""
+    global step, fractional epochs); how the held-out figure was scored (`evaluate.scoring`: one stream or
+    pieces, warm-up, matmul dtype, the split's size); the exact path that trained (numpy, torch-fused, ...);
+    the rollbacks and the settings changed on resuming since then, if any."""
     bits = val["bits_per_token"]
     record = {"epoch": run.epoch, "step": run.step, "progress": round(progress(run), 6),
               "train_ppl": finite_or_none(epoch.ppl), "val_ppl": finite_or_none(val["perplexity"]),
               "val_bpc": finite_or_none(bits) if run.data_cfg.token == "char" else None,
               "val_bits_per_token": finite_or_none(bits), "val_tokens": val["tokens"],
+              "val_scoring": val.get("scoring"),
               "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
               "lr": run.lr_scale * learning_rate(run.train_cfg, progress(run)),
               "clip_frac": window.clipped / max(window.steps, 1), "elapsed_s": round(run.elapsed_s, 3),
@@ -296,9 +307,14 @@ def fit(run: Run, out=None, log: Callable[[str], None] | None = None, progress: 
     the end of the current minibatch, checkpoints it (with a run directory) and raises Interrupted.
     """
     from tqdm.auto import tqdm
+    if not run.world.main:                          # rank 0 writes the run directory and speaks for all
+        out, log = None, (lambda line: None)
     log = log or tqdm.write
+    progress = progress and run.world.main
     cfg = run.train_cfg
     _check_trainable(run.dataset, cfg)
+    if run.world.distributed:
+        run.world.same(fingerprint(run))       # every rank the same run, or every rank stops here
     owned = out is not None and not isinstance(out, rundir.RunWriter)
     writer = open_writer(run, out, overwrite) if owned else out
     run.writer = writer
@@ -340,6 +356,10 @@ class _Clock:
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.start
 
+    def out_of(self, budget_minutes: float) -> bool:
+        """Whether a time budget (0: none) is used up."""
+        return budget_minutes > 0 and self.elapsed() / 60 >= budget_minutes
+
 
 def _due(count: int, cadence: tuple[int, str] | None, unit: str) -> bool:
     """Whether a cadence (n, 'epoch'|'step') falls on `count` of `unit`."""
@@ -368,7 +388,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
         if evaluate_too:
             improved = _evaluate(run, stats_so_far(), window, log)
             window = EpochStats()
-        if writer is not None or rollback:
+        if writer is not None or rollback or run.world.distributed:    # every rank: the state is gathered
             last_good = make_checkpoint(run)
         if writer is not None:
             writer.save(last_good, run.records, best=improved)
@@ -386,7 +406,8 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is caught just below
                 position = run.position
                 for step in epoch_steps(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
-                                        position, run.model_cfg.dropout, run.model_cfg.weight_drop, run.lr_scale):
+                                        position, run.model_cfg.dropout, run.model_cfg.weight_drop, run.lr_scale,
+                                        run.world):
                     run.step += 1
                     window.add(step)
                     bar.update(1)
@@ -394,12 +415,12 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
                                         f"{position.stats.tokens / max(position.stats.seconds, 1e-9):,.0f} tok/s",
                                         refresh=False)
                     due_eval = _due(run.step, evals, "step")
-                    out_of_time = cfg.time_budget > 0 and clock.elapsed() / 60 >= cfg.time_budget
+                    out_of_time, stopping = run.world.any(clock.out_of(cfg.time_budget), stop.requested)
                     if due_eval or out_of_time:
                         checkpoint_now(evaluate_too=True)
-                    elif stop.requested or _due(run.step, saves, "step") or run.step == stop_at_step:
+                    elif stopping or _due(run.step, saves, "step") or run.step == stop_at_step:
                         checkpoint_now(evaluate_too=False)
-                    if stop.requested:
+                    if stopping:
                         raise Interrupted(saved=writer is not None)
                     if out_of_time or run.step == stop_at_step:
                         if out_of_time:
@@ -419,7 +440,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
         run.epoch += 1
         run.position = None
         run.loss_level = min(run.loss_level, stats.nll_sum / max(stats.tokens, 1))
-        out_of_time = cfg.time_budget > 0 and clock.elapsed() / 60 >= cfg.time_budget
+        out_of_time, = run.world.any(clock.out_of(cfg.time_budget))
         if _due(run.epoch, evals, "epoch") or run.epoch == cfg.num_epochs or out_of_time:
             checkpoint_now(evaluate_too=True)
             if cfg.patience and run.evals_since_best >= cfg.patience:
@@ -437,15 +458,16 @@ def _evaluate(run: Run, stats: EpochStats, window: EpochStats, log: Callable[[st
     """Score the held-out split, draw the samples that are due, append and log a record; whether the held-out
     loss is the best so far."""
     cfg = run.train_cfg
-    val = evaluate.score_stream(run.backend, run.dataset.val)
-    improved = val["nats_per_token"] < run.best_val_nats
+    val = evaluate.score_heldout(run.backend, run.dataset.val, cfg, run.epoch, run.elapsed_s)
+    compared = val.pop("compared_nats", val["nats_per_token"])      # with --val-max-tokens: the capped part
+    improved = compared < run.best_val_nats
     if improved:
-        run.best_val_nats, run.evals_since_best = val["nats_per_token"], 0
+        run.best_val_nats, run.evals_since_best = compared, 0
     else:
         run.evals_since_best += 1
     at_boundary = run.position is None
     due = (not cfg.sample_every or (at_boundary and run.epoch % cfg.sample_every == 0)
            or run.epoch == cfg.num_epochs)
-    run.records.append(make_record(run, stats, window, val, samples(run) if due else {}))
+    run.records.append(make_record(run, stats, window, val, samples(run) if due and run.world.main else {}))
     log(format_record(run.records[-1]))
     return improved

@@ -9,7 +9,8 @@ and expose the same small interface:
     loss_and_grads(X, Y, state, masks=None, weight_masks=None) -> (mean loss, grads dict, new state)
                                                # state detached; masks: (L, T, B, H) dropout masks or None;
                                                # weight_masks: {W_h* name: (H, H) weight-drop mask} or None
-    token_nll(X, Y, state) -> (per-prediction NLL (T*B,) float64 numpy, new state)   # no gradients
+    token_nll(X, Y, state) -> (per-prediction NLL (T*B,) float64 numpy, new state)   # no gradients; in
+                                               # the matmul dtype the backend trains with (bf16 or not)
     step(token_ids, state) -> (logits as numpy (B, V), new state)       # one decoding step
     decoder() -> a `step` callback, possibly precomputed for the current weights
     update(fn)                              # parameters = fn(parameters): an optimizer step, applied
@@ -116,11 +117,15 @@ def default_threads() -> int:
     its slowest thread, and a thread that waits for a core stalls them all (a GRU run fell from 63K to 423
     tokens/s). Beyond about 8 threads the small matmuls of a recurrent step (B x H by H x H, one per time
     step) stop scaling, so more only add contention. Computed once per process: by a later call (a
-    rollback's new backend) the process's own threads would count against it."""
+    rollback's new backend) the process's own threads would count against it. The ranks torchrun starts on
+    one machine (LOCAL_WORLD_SIZE) start together and cannot see each other's load: they share the CPUs."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if ranks > 1:
+        return max(1, min(cpus // ranks, MAX_THREADS))
     busy = other_runnable() * cpus / max(os.cpu_count() or cpus, cpus)
     return max(1, min(cpus - round(busy), MAX_THREADS))
 
@@ -184,6 +189,14 @@ def denormals_flushed(backend):
 def device_of(backend) -> str:
     """The device a backend runs on, as text ('cpu', 'cuda:0', ...)."""
     return str(getattr(backend, "device", "cpu"))
+
+
+def matmul_dtype_of(backend) -> str:
+    """The dtype a backend's matmuls take their operands in, as text: 'bfloat16' for a torch path built with
+    bf16 matmuls (it trains and scores with them), else its parameters' ('float32', 'float64')."""
+    if getattr(backend, "autocast", False) or getattr(backend, "low_precision", False):
+        return "bfloat16"
+    return str(backend.dtype).removeprefix("torch.")
 
 
 TORCH_IMPLS = ("auto", "fused", "autograd", "compile", "nn")

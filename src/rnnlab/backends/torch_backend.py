@@ -6,8 +6,9 @@ them, so the backend-neutral optimizer can update them in place like numpy array
 
 With `matmul_dtype="bfloat16"` the training loss runs under torch.autocast: matmul operands in bf16 (twice
 the throughput on CPUs with AVX-512 BF16 or AMX, and on GPUs), float32 master weights, float32 loss; the
-LSTM's cell state stays float32 because float32 * bf16 promotes. Scoring and decoding stay in the weights'
-dtype, so held-out figures are float32 figures.
+LSTM's cell state stays float32 because float32 * bf16 promotes. Scoring (`token_nll`) runs under the same
+autocast, so a run's held-out figures are those of the model it trains; decoding stays in the weights' dtype.
+A backend built without bf16 (what `rnnlab eval` builds unless asked) scores in float32.
 """
 from __future__ import annotations
 
@@ -95,10 +96,12 @@ class TorchBackend:
 
     @torch.inference_mode()
     def token_nll(self, X, Y, state):
-        """Per-prediction NLL (T*B,) as float64 numpy, time-major, and the final state; no gradients."""
-        logits, new_state = self.forward(self.params, self._tensor(X), state)
+        """Per-prediction NLL (T*B,) as float64 numpy, time-major, and the final state (S, B, H); no
+        gradients, the training loss's matmul dtype."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits, new_state = self.forward(self.params, self._tensor(X), state)
         nll = F.cross_entropy(logits.double(), self._tensor(Y).T.reshape(-1), reduction="none")
-        return nll.cpu().numpy(), new_state
+        return nll.cpu().numpy(), new_state.to(self.dtype)
 
     @torch.inference_mode()
     def step(self, token_ids, state):

@@ -10,7 +10,8 @@ pass (`network.backward`), arranged for speed:
   - the output layer, the loss and the weight gradients are single large matmuls over all T*B rows.
 
 With `matmul_dtype=torch.bfloat16` every matmul takes bf16 operands (AMX on recent x86 CPUs, tensor cores on
-GPUs) while weights, states, gradients and every sum outside a matmul stay float32 (the master copy).
+GPUs) while weights, states, gradients and every sum outside a matmul stay float32 (the master copy);
+scoring (`token_nll`) runs the same forward pass.
 """
 from __future__ import annotations
 
@@ -70,6 +71,17 @@ class TorchFusedBackend(TorchBackend):
             if low is not None:
                 low[t].copy_(states[t])
         return states
+
+    @torch.no_grad()        # not inference mode: the work buffers it fills are the training step's too
+    def token_nll(self, X, Y, state):
+        """Per-prediction NLL (T*B,) as float64 numpy, time-major, and the final state (1, B, H): the
+        training step's forward pass, in its matmul dtype, with no backward."""
+        X, y = self._tensor(X), self._tensor(Y).T.reshape(-1)                  # y (T*B,) time-major
+        states = self._forward_states(self.params, X, state[0])
+        T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
+        logits = self._mm(states[1:].reshape(T * B, H), self.params["W_hq"]) + self.params["b_q"]
+        nll = torch.nn.functional.cross_entropy(logits.double(), y, reduction="none")
+        return nll.cpu().numpy(), states[-1:].clone()
 
     def loss_and_grads(self, X, Y, state, masks=None, weight_masks=None):
         """As the reference's; `state` is (1, B, H). The fused model has no dropout sites, so no masks;

@@ -227,8 +227,8 @@ class TorchNNBackend(TorchBackend):
 
     Weight drop runs the module with W_h * M in place of W_h through `torch.func.functional_call`: the loss
     is that of the masked weights, autograd's gradient w.r.t. W_h carries M, and the stored weights never
-    change. `matmul_dtype="bfloat16"` runs the loss under torch.autocast; there torch's RNN and LSTM layers
-    run wholly in bf16 (their states included), the GRU its matmuls only. Scoring and decoding stay in the
+    change. `matmul_dtype="bfloat16"` runs the loss and scoring under torch.autocast; there torch's RNN and
+    LSTM layers run wholly in bf16 (their states included), the GRU its matmuls only. Decoding stays in the
     weights' dtype. The input is always the one-hot encoding (`onehot_input` is accepted for the common
     interface: gathering rows gives the same numbers).
     """
@@ -287,10 +287,12 @@ class TorchNNBackend(TorchBackend):
 
     @torch.inference_mode()
     def token_nll(self, X, Y, state):
-        """Per-prediction NLL (T*B,) as float64 numpy, time-major, and the final state; no gradients."""
-        logits, new_state = self.model(self._tensor(X), state)
+        """Per-prediction NLL (T*B,) as float64 numpy, time-major, and the final state (S, B, H); no
+        gradients, the training loss's matmul dtype."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits, new_state = self.model(self._tensor(X), state)
         nll = F.cross_entropy(logits.double(), self._tensor(Y).T.reshape(-1), reduction="none")
-        return nll.cpu().numpy(), new_state
+        return nll.cpu().numpy(), new_state.to(self.dtype)
 
     @torch.inference_mode()
     def step(self, token_ids, state):
