@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rnnlab import checkpoint, prepared, text
+from rnnlab import checkpoint, prepare, prepared, text
 from rnnlab.config import DataConfig
 from rnnlab.errors import RnnlabError
 from rnnlab.lm import LM
@@ -45,18 +45,18 @@ def assert_same(got, expected):
 # --- exactness ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("corpus", CORPORA)
-@pytest.mark.parametrize("mode", prepared.MODES)
+@pytest.mark.parametrize("mode", prepare.MODES)
 def test_prepared_chars_equal_the_dataset_built_in_ram(tmp_path, corpus, mode):
-    for chunk in (prepared.CHUNK, 4099):            # one chunk, and cuts inside lines and runs of non-letters
-        prepared.prepare(corpus, tmp_path / "p", mode, "char", 0.1, overwrite=True, chunk_size=chunk)
+    for chunk in (prepare.CHUNK, 4099):            # one chunk, and cuts inside lines and runs of non-letters
+        prepare.prepare(corpus, tmp_path / "p", mode, "char", 0.1, overwrite=True, chunk_size=chunk)
         ram = load_dataset(DataConfig(corpus=corpus, preprocess=mode, max_tokens=0))
         assert_same(load_dataset(DataConfig(prepared=str(tmp_path / "p"), max_tokens=0)), ram)
 
 
 @pytest.mark.parametrize("corpus", CORPORA[:2])
-@pytest.mark.parametrize("mode", prepared.MODES)
+@pytest.mark.parametrize("mode", prepare.MODES)
 def test_prepared_words_equal_the_dataset_built_in_ram(tmp_path, corpus, mode):
-    prepared.prepare(corpus, tmp_path / "p", mode, "word", 0.1, chunk_size=5003)
+    prepare.prepare(corpus, tmp_path / "p", mode, "word", 0.1, chunk_size=5003)
     ram = load_dataset(DataConfig(corpus=corpus, preprocess=mode, token="word", max_tokens=0))
     got = load_dataset(DataConfig(prepared=str(tmp_path / "p"), max_tokens=0))
     assert_same(got, ram)
@@ -72,7 +72,7 @@ BOUNDED = settings(max_examples=150, deadline=None, database=None,
 
 
 @BOUNDED
-@given(raw=TEXTS, bom=st.booleans(), mode=st.sampled_from(prepared.MODES),
+@given(raw=TEXTS, bom=st.booleans(), mode=st.sampled_from(prepare.MODES),
        token=st.sampled_from(text.TOKEN_TYPES), chunk=st.integers(1, 40))
 def test_any_text_cut_into_any_chunks_prepares_as_it_loads(raw, bom, mode, token, chunk):
     """Cuts after a line break, between two letters, a piece grown past the chunk size, a BOM, a decomposed
@@ -87,10 +87,10 @@ def test_any_text_cut_into_any_chunks_prepares_as_it_loads(raw, bom, mode, token
             expected = None
         if not read or expected is None or int(len(expected[0]) * 0.5) < 2:
             with pytest.raises(RnnlabError):
-                prepared.prepare(path, Path(tmp) / "p", mode, token, 0.5, chunk_size=chunk)
+                prepare.prepare(path, Path(tmp) / "p", mode, token, 0.5, chunk_size=chunk)
             assert not (Path(tmp) / "p").exists()
             return
-        prepared.prepare(path, Path(tmp) / "p", mode, token, 0.5, chunk_size=chunk)
+        prepare.prepare(path, Path(tmp) / "p", mode, token, 0.5, chunk_size=chunk)
         got = prepared.load(Path(tmp) / "p")
         corpus, vocab = expected
         assert got.vocab.idx_to_token == vocab.idx_to_token and got.vocab.token_freqs == vocab.token_freqs
@@ -110,7 +110,7 @@ def test_a_text_that_is_not_utf8_past_the_first_chunk_names_the_byte(tmp_path):
     with pytest.raises(RnnlabError) as from_ram:
         load_dataset(DataConfig(corpus=str(path)))
     with pytest.raises(RnnlabError) as prepared_error:
-        prepared.prepare(path, tmp_path / "p", chunk_size=16)
+        prepare.prepare(path, tmp_path / "p", chunk_size=16)
     assert str(prepared_error.value) == str(from_ram.value) and "byte 401" in str(from_ram.value)
 
 
@@ -119,7 +119,7 @@ def test_a_text_that_is_not_utf8_past_the_first_chunk_names_the_byte(tmp_path):
 def test_the_dataset_is_read_from_disk_not_copied(tmp_path):
     path = tmp_path / "big.txt"
     path.write_bytes((DATA / "tinyshakespeare.txt").read_bytes() * 8)          # 8.9 MB
-    prepared.prepare(path, tmp_path / "p", "raw")
+    prepare.prepare(path, tmp_path / "p", "raw")
     tracemalloc.start()
     try:
         ds = load_dataset(DataConfig(prepared=str(tmp_path / "p"), max_tokens=0))
@@ -289,23 +289,23 @@ def test_prepare_never_replaces_what_it_did_not_write(tmp_path):
 
 
 def test_a_prepare_that_fails_midway_leaves_the_previous_one_intact(tmp_path, monkeypatch):
-    prepared.prepare("timemachine", tmp_path / "p", "d2l")
+    prepare.prepare("timemachine", tmp_path / "p", "d2l")
     before = {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()}
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(prepared, "_encode_pass", crash)
+        m.setattr(prepare, "_encode_pass", crash)
         with pytest.raises(KeyboardInterrupt):
-            prepared.prepare("tinyshakespeare", tmp_path / "p", "raw", overwrite=True)
+            prepare.prepare("tinyshakespeare", tmp_path / "p", "raw", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()} == before
     with monkeypatch.context() as m:          # killed between the new token file and prepared.json
-        m.setattr(prepared, "atomic_write_json", crash)
+        m.setattr(prepare, "atomic_write_json", crash)
         with pytest.raises(KeyboardInterrupt):
-            prepared.prepare("tinyshakespeare", tmp_path / "p", "raw", overwrite=True)
+            prepare.prepare("tinyshakespeare", tmp_path / "p", "raw", overwrite=True)
     assert prepared.load(tmp_path / "p").meta["preprocess"] == "d2l"
     assert len(list((tmp_path / "p").glob("tokens-*.bin"))) == 2
-    prepared.prepare("war_of_the_worlds", tmp_path / "p", "letters", overwrite=True)
+    prepare.prepare("war_of_the_worlds", tmp_path / "p", "letters", overwrite=True)
     left = [p.name for p in (tmp_path / "p").glob("tokens-*.bin")]
     assert left == [prepared.load(tmp_path / "p").meta["tokens_file"]]           # the orphan too is gone
 
@@ -362,6 +362,6 @@ def test_a_text_of_many_chunks_prepares_as_it_loads(tmp_path):
     path = tmp_path / "big.txt"
     path.write_bytes(b"".join((DATA / f"{c}.txt").read_bytes() for c in CORPORA) * 40)    # 65 MB
     for mode in ("d2l", "unicode"):
-        prepared.prepare(path, tmp_path / mode, mode)
+        prepare.prepare(path, tmp_path / mode, mode)
         ram = load_dataset(DataConfig(corpus=str(path), preprocess=mode, max_tokens=0))
         assert_same(load_dataset(DataConfig(prepared=str(tmp_path / mode), max_tokens=0)), ram)

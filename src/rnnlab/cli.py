@@ -747,11 +747,11 @@ def cmd_bench(ns) -> int:
 
 
 def cmd_prepare(ns) -> int:
-    from . import prepared
+    from . import prepare
     if not ns.out.strip():
         raise RnnlabError("--out is empty; give the directory for the prepared text")
     show = None if ns.quiet or not sys.stderr.isatty() else _show_progress
-    meta = prepared.prepare(ns.text, ns.out, ns.preprocess, ns.token, ns.val_fraction, ns.overwrite, progress=show)
+    meta = prepare.prepare(ns.text, ns.out, ns.preprocess, ns.token, ns.val_fraction, ns.overwrite, progress=show)
     if show:
         print(file=sys.stderr)
     n, size = meta["num_tokens"], meta["source"]["bytes"]
