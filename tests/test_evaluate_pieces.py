@@ -1,16 +1,14 @@
 """Held-out scoring in K pieces side by side: every target counted once, K = 1 is batch 1 to the bit, a warm-up
 longer than the model's memory gives batch 1's figure, the cap takes the same targets every time, every
 backend path scores a batch, and training and `rnnlab eval` record how each figure was scored."""
-import contextlib
-import io
 import json
 import math
 
 import numpy as np
 import pytest
 
-from helpers import assert_bf16_scoring, random_params
-from rnnlab import cli, evaluate, ngram, train
+from helpers import assert_bf16_scoring, random_params, run_cli
+from rnnlab import evaluate, ngram, train
 from rnnlab.backends import make_backend
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
@@ -212,40 +210,30 @@ def test_training_caps_its_evaluations_and_scores_the_whole_split_last():
                         rel_tol=1e-9)
 
 
-def _cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_eval_flags_reproduce_a_training_evaluation(tmp_path):
     if not (DATA / "timemachine.txt").is_file():
         pytest.skip(f"corpora not found at {DATA}")
     how = ["--eval-batch", "3", "--eval-warmup", "20", "--val-max-tokens", "600"]
-    code, out, err = _cli("train", "--num-hiddens", "8", "--batch-size", "4", "--num-steps", "5", "--max-tokens",
+    code, out, err = run_cli("train", "--num-hiddens", "8", "--batch-size", "4", "--num-steps", "5", "--max-tokens",
                           "300", "--num-epochs", "1", "--backend", "numpy", "--quiet", "--out", tmp_path / "run",
                           "--json", *how)
     assert code == 0, err
     final = json.loads(out)
     assert final["val_scoring"]["pieces"] == 3 and final["val_tokens"] == final["val_scoring"]["stream_tokens"]
-    code, out, err = _cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", "--json", *how[:4])
+    code, out, err = run_cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", "--json", *how[:4])
     assert code == 0, err
     again = json.loads(out)
     assert again["tokens"] == final["val_tokens"] and again["scoring"] == final["val_scoring"]
     assert math.isclose(again["perplexity"], final["val_ppl"], rel_tol=1e-6)
-    code, out, err = _cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", *how)
+    code, out, err = run_cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", *how)
     assert code == 0, err
     assert "scored as 3 pieces side by side" in out and f"of {final['val_tokens']:,} characters" in out
-    code, out, err = _cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", "--json")
+    code, out, err = run_cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", "--json")
     exact = json.loads(out)
     assert exact["scoring"]["pieces"] == 1 and exact["tokens"] == final["val_tokens"]    # the default: exact
     assert math.isclose(exact["perplexity"], final["val_ppl"], rel_tol=1e-2)
     for bad, fragment in ((["--eval-batch", "-1"], "--eval-batch"), (["--val-max-tokens", "-5"], "--val-max-tokens"),
                           (["--dynamic-lr", "0.1", "--eval-batch", "4"], "one stream"),
                           (["--matmul-dtype", "bfloat16"], "numpy backend")):
-        code, out, err = _cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", *bad)
+        code, out, err = run_cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", *bad)
         assert code != 0 and len(err.strip().splitlines()) == 1 and fragment in err, err
