@@ -642,7 +642,8 @@ def test_unwritable_out_is_one_line(capsys, tmp_path):
 
 def test_bench_quick_reports_every_path_as_json(capsys):
     pytest.importorskip("torch")
-    code, out, err = run(capsys, "bench", "--quick", "--repeats", "1", "--configs", "book", "word", "--json")
+    code, out, err = run(capsys, "bench", "--quick", "--repeats", "1", "--configs", "book", "word", "lstm",
+                         "--json")
     assert code == 0, err
     result = json.loads(out)
     assert {"cpu", "cores", "torch"} <= set(result["machine"])
@@ -652,6 +653,12 @@ def test_bench_quick_reports_every_path_as_json(capsys):
         assert paths["book (baseline)"]["ratio"] == 1.0
         assert all(row["tokens_per_s"] > 0 for row in paths.values())
     assert result["train"]["word"]["config"]["V"] == 4580
+    lstm = result["train"]["lstm"]
+    assert {"torch autograd", "torch autograd bf16", "torch nn"} <= set(lstm["paths"])
+    assert lstm["ratios_to"] == "torch autograd" and lstm["paths"]["torch autograd"]["ratio"] == 1.0
+    assert lstm["config"]["cell"] == "lstm" and lstm["config"]["layers"] == 2
+    roof = result["roofline"]["lstm"]
+    assert roof["tokens_per_s_bound"] > 0 and roof["wide_matmul_gflops"] > 0
     assert set(result["generate"]) == {"book predict_ch8 (greedy, batch 1)", "rnnlab greedy, batch 1",
                                        "rnnlab sampled, batch 1", "rnnlab sampled, 64 at once",
                                        "rnnlab top-k 10 top-p .9, 64", "rnnlab beam search, 8 beams"}

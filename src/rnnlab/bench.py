@@ -9,6 +9,8 @@ path. The roofline is a measured matmul peak divided by the FLOPs a training tok
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import platform
 import statistics
@@ -30,13 +32,18 @@ class BenchConfig:
     batch_size: int
     num_steps: int
     num_hiddens: int
+    cell: str = "rnn"
+    num_layers: int = 1
+    embed_size: int = 0
 
 
 CONFIGS = {c.name: c for c in (
     BenchConfig("book", "char", 32, 35, 512),
     BenchConfig("big", "char", 128, 35, 1024),
     BenchConfig("word", "word", 32, 35, 512),
+    BenchConfig("lstm", "char", 32, 64, 384, cell="lstm", num_layers=2, embed_size=64),
 )}
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}      # G: matrices of H columns per weight (one per gate)
 
 
 def machine() -> dict:
@@ -142,13 +149,40 @@ def _train_fn(model, batches):
     return run_book
 
 
+def gated_paths(cfg: BenchConfig, vocab_size: int, device: str, compile: bool = True):
+    """For a GRU/LSTM stack: ({}, name -> backend), every path that trains it, on the same weights (the nn path
+    on the nn cell variant's, of the same shapes). There is no book baseline: the ratios are to torch
+    autograd."""
+    from .backends import jax_available, make_backend
+    make = functools.partial(cells.init_params, vocab_size, cfg.num_hiddens, np.random.default_rng(0),
+                             np.dtype("float32"), cfg.cell, cfg.num_layers, cfg.embed_size)
+    params, paths = make(), {}
+    try:
+        import torch  # noqa: F401
+        paths = {"torch autograd": make_backend("torch", params, device=device, torch_impl="autograd"),
+                 "torch autograd bf16": make_backend("torch", params, device=device, torch_impl="autograd",
+                                                     matmul_dtype="bfloat16"),
+                 "torch nn": make_backend("torch", make(cell_variant="nn"), device=device, torch_impl="nn")}
+        if compile:
+            paths["torch compile f32"] = make_backend("torch", params, device=device, torch_impl="compile")
+    except ImportError:
+        pass
+    if jax_available():
+        paths["jax"] = make_backend("jax", params, device=device)
+    return {}, paths
+
+
 def bench_training(cfg: BenchConfig, device="cpu", warmup=1, repeats=3, num_batches=4, data_dir=None,
                    compile=True) -> dict:
-    """Training tokens/s of every path on the same batches; `first_call_s` is the first (cold) call."""
+    """Training tokens/s of every path on the same batches; `first_call_s` is the first (cold) call. The
+    ratios are to the book's step, or for a gated model to torch autograd."""
     corpus, vocab = _corpus(cfg.token, data_dir)
     batches = _batches(corpus, cfg, num_batches)
-    params = cells.init_params(len(vocab), cfg.num_hiddens, np.random.default_rng(0))
-    baseline, paths = training_paths(params, device, compile)
+    if cfg.cell == "rnn":
+        params = cells.init_params(len(vocab), cfg.num_hiddens, np.random.default_rng(0))
+        baseline, paths = training_paths(params, device, compile)
+    else:
+        baseline, paths = gated_paths(cfg, len(vocab), device, compile)
     tokens = num_batches * cfg.batch_size * cfg.num_steps
     rows = {}
     for name, model in {**baseline, **paths}.items():
@@ -158,12 +192,14 @@ def bench_training(cfg: BenchConfig, device="cpu", warmup=1, repeats=3, num_batc
         first = timed(fn, 0, 1)                         # the first call counts as one warm-up
         seconds = timed(fn, max(warmup - 1, 0), repeats)
         rows[name] = {"tokens_per_s": tokens / seconds, "first_call_s": first}
-    base = rows.get("book (baseline)", {}).get("tokens_per_s")
+    against = "book (baseline)" if cfg.cell == "rnn" else "torch autograd"
+    base = rows.get(against, {}).get("tokens_per_s")
     for row in rows.values():
         row["ratio"] = row["tokens_per_s"] / base if base else None
     return {"config": {"B": cfg.batch_size, "T": cfg.num_steps, "V": len(vocab), "H": cfg.num_hiddens,
-                       "token": cfg.token, "dtype": "float32 master weights", "device": device},
-            "paths": rows}
+                       "token": cfg.token, "dtype": "float32 master weights", "device": device,
+                       "cell": cfg.cell, "layers": cfg.num_layers, "E": cfg.embed_size},
+            "paths": rows, "ratios_to": against}
 
 
 def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None) -> dict:
@@ -225,14 +261,41 @@ def _book_encode(raw: str):
     return bench_book.encode_like_the_book("\n".join(lines), vocab)
 
 
-def roofline(cfg: BenchConfig, vocab_size: int) -> dict:
+def flops_per_token(cfg: BenchConfig, V: int) -> float:
+    """Training FLOPs per token of a stack (multiply-adds x 2, forward + both backward matmuls): for the book's
+    RNN, `bench_book.flops_per_token` (one-hot input gathered); for a GRU/LSTM of G gates, per layer the input
+    projection (E or V inputs on the first layer, H on the others) and the recurrence, each (in, G H) three
+    times over, and the output layer's three H x V matmuls."""
     from . import bench_book
-    peak = bench_book.matmul_peak(cfg.batch_size, cfg.num_hiddens)
-    flops = bench_book.flops_per_token(vocab_size, cfg.num_hiddens)
-    return {"matmul_gflops": peak / 1e9, "flops_per_token": flops, "tokens_per_s_bound": peak / flops}
+    if cfg.cell == "rnn":
+        return bench_book.flops_per_token(V, cfg.num_hiddens)
+    H, G = cfg.num_hiddens, GATES[cfg.cell]
+    first_in = cfg.embed_size or V
+    inputs = sum(3 * 2 * (first_in if layer == 0 else H) * G * H for layer in range(cfg.num_layers))
+    recurrent = cfg.num_layers * 3 * 2 * H * G * H
+    return float(inputs + recurrent + 3 * 2 * H * V)
 
 
-def run(configs=("book", "big", "word"), device="cpu", repeats=3, warmup=1, num_batches=4,
+def roofline(cfg: BenchConfig, vocab_size: int) -> dict:
+    """The float32 bound on training tokens/s. For the book's RNN: a measured matmul peak at the recurrence's
+    shape, (B, H) @ (H, H), divided by the FLOPs of a training token. For a GRU/LSTM, two measured peaks: the
+    recurrence's forward and backward matmuls must run step by step at (B, H) @ (H, G H), while the input
+    projections, the weight gradients and the output layer can run as single matmuls over all T B rows,
+    (T B, H) @ (H, G H), which run faster; the bound is one token's time at those two rates."""
+    from . import bench_book
+    H, G = cfg.num_hiddens, GATES[cfg.cell]
+    peak = bench_book.matmul_peak(cfg.batch_size, H, columns=G * H)
+    flops = flops_per_token(cfg, vocab_size)
+    if cfg.cell == "rnn":
+        return {"matmul_gflops": peak / 1e9, "flops_per_token": flops, "tokens_per_s_bound": peak / flops}
+    stepwise = cfg.num_layers * 2 * 2 * H * G * H            # h W_h* forward and dgates W_h*^T backward
+    wide = bench_book.matmul_peak(cfg.batch_size * cfg.num_steps, H, columns=G * H)
+    seconds = stepwise / peak + (flops - stepwise) / wide
+    return {"matmul_gflops": peak / 1e9, "wide_matmul_gflops": wide / 1e9, "flops_per_token": flops,
+            "tokens_per_s_bound": 1 / seconds}
+
+
+def run(configs=("book", "big", "word", "lstm"), device="cpu", repeats=3, warmup=1, num_batches=4,
         sections=("train", "generate", "data"), data_dir=None, quick=False, compile=True) -> dict:
     """All benchmarks; `quick` shrinks every size so the whole thing runs in seconds (for tests) and leaves
     out the torch.compile path, as `compile=False` does."""
@@ -240,7 +303,8 @@ def run(configs=("book", "big", "word"), device="cpu", repeats=3, warmup=1, num_
     for name in configs:
         cfg = CONFIGS[name]
         if quick:
-            cfg = BenchConfig(cfg.name, cfg.token, 4, 5, 32)
+            cfg = dataclasses.replace(cfg, batch_size=4, num_steps=5, num_hiddens=32,
+                                      embed_size=min(cfg.embed_size, 8))
         if "train" in sections:
             result["train"][name] = bench_training(cfg, device, warmup, repeats, num_batches, data_dir,
                                                        compile and not quick)
@@ -260,16 +324,20 @@ def format_report(r: dict) -> str:
              f"({m.get('torch_threads')} threads, {m.get('cpu_capability')}), GPU: {m.get('gpu')}"]
     for name, t in r["train"].items():
         c = t["config"]
-        lines += ["", f"training, {name}: B={c['B']} T={c['T']} V={c['V']} H={c['H']} ({c['token']}), "
+        model = "" if c.get("cell", "rnn") == "rnn" else f" {c['cell']} x{c['layers']} E={c['E']}"
+        against = "vs book" if t.get("ratios_to", "book (baseline)").startswith("book") else "vs autograd"
+        lines += ["", f"training, {name}:{model} B={c['B']} T={c['T']} V={c['V']} H={c['H']} ({c['token']}), "
                       f"{c['device']}, {c['dtype']}",
-                  f"  {'path':<22} {'tokens/s':>12} {'vs book':>8} {'first call':>11}"]
+                  f"  {'path':<22} {'tokens/s':>12} {against:>11} {'first call':>11}"]
         for path, row in t["paths"].items():
             ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
-            lines.append(f"  {path:<22} {row['tokens_per_s']:>12,.0f} {ratio:>8} {row['first_call_s']:>10.2f}s")
+            lines.append(f"  {path:<22} {row['tokens_per_s']:>12,.0f} {ratio:>11} {row['first_call_s']:>10.2f}s")
         roof = r["roofline"].get(name)
         if roof:
-            lines.append(f"  roofline: {roof['matmul_gflops']:.0f} GFLOP/s measured (B x H @ H x H, float32) / "
-                         f"{roof['flops_per_token'] / 1e6:.2f} MFLOP per token = "
+            wide = (f" and {roof['wide_matmul_gflops']:.0f} (TB x H @ H x GH)" if "wide_matmul_gflops" in roof
+                    else "")
+            lines.append(f"  roofline: {roof['matmul_gflops']:.0f} GFLOP/s measured (B x H @ H x GH, float32)"
+                         f"{wide}, {roof['flops_per_token'] / 1e6:.2f} MFLOP per token: "
                          f"{roof['tokens_per_s_bound']:,.0f} tokens/s")
     if "generate" in r:
         lines += ["", "generation (book config, chars/s over all rows)"]

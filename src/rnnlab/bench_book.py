@@ -105,10 +105,12 @@ def flops_per_token(V: int, H: int, gathered: bool = True) -> float:
     return float(recurrent + output + inputs)
 
 
-def matmul_peak(B=32, H=512, dtype=torch.float32, seconds=0.5) -> float:
-    """Measured FLOP/s of a (B, H) @ (H, H) matmul, the shape of the recurrence (median of batches)."""
+def matmul_peak(B=32, H=512, dtype=torch.float32, seconds=0.5, columns: int | None = None) -> float:
+    """Measured FLOP/s of a (B, H) @ (H, columns) matmul (columns: H, or G H for a cell of G gates), the shape
+    of the recurrence (median of batches)."""
     import time
-    a, b = torch.randn(B, H).to(dtype), torch.randn(H, H).to(dtype)
+    columns = columns or H
+    a, b = torch.randn(B, H).to(dtype), torch.randn(H, columns).to(dtype)
     for _ in range(20):
         a @ b
     rates, deadline = [], time.perf_counter() + seconds
@@ -116,5 +118,5 @@ def matmul_peak(B=32, H=512, dtype=torch.float32, seconds=0.5) -> float:
         start = time.perf_counter()
         for _ in range(50):
             a @ b
-        rates.append(50 * 2 * B * H * H / (time.perf_counter() - start))
+        rates.append(50 * 2 * B * H * columns / (time.perf_counter() - start))
     return float(np.median(rates)) if rates else math.nan

@@ -228,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="speed of every training, generation and data path, side by side "
                            "with the book's implementation")
-    bench.add_argument("--configs", nargs="+", default=["book", "big", "word"], choices=["book", "big", "word"],
-                       help="book: B=32 H=512 chars; big: B=128 H=1024; word: word level, V=4,580 "
-                            "(default: all three)")
+    bench.add_argument("--configs", nargs="+", default=["book", "big", "word", "lstm"],
+                       choices=["book", "big", "word", "lstm"],
+                       help="book: B=32 H=512 chars; big: B=128 H=1024; word: word level, V=4,580; lstm: a "
+                            "2-layer LSTM, H=384, E=64, B=32, T=64 (ratios to torch autograd) (default: all)")
     bench.add_argument("--sections", nargs="+", default=["train", "generate", "data"],
                        choices=["train", "generate", "data"], help="what to measure (default: all)")
     bench.add_argument("--repeats", type=int64, default=5, metavar="N", help="timed repeats, median reported "
