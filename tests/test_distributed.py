@@ -140,6 +140,7 @@ sys.exit(cli.main(["train", *TINY, "--num-epochs", "1", "--backend", "numpy", "-
 @pytest.mark.parametrize("odd, said", [
     (["--lr", "2"], "rnnlab train: error: the ranks' settings differ: rank 1 has another --lr than rank 0"),
     (["--corpus", "no-such-file.txt"], "rnnlab train: error: rank 1: "),
+    (["--data", "no-such-dir"], "rnnlab train: error: rank 1: "),     # read while the settings are resolved
 ])
 def test_ranks_given_different_settings_or_failing_alone_stop_together(tmp_path, odd, said):
     """Rank 1 given another learning rate: every rank stops, rank 0 names the setting. Rank 1 alone unable

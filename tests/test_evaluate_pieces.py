@@ -237,3 +237,16 @@ def test_eval_flags_reproduce_a_training_evaluation(tmp_path):
                           (["--matmul-dtype", "bfloat16"], "numpy backend")):
         code, out, err = run_cli("eval", "--checkpoint", tmp_path / "run", "--backend", "numpy", *bad)
         assert code != 0 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_a_resumed_run_keeps_how_its_held_out_figures_are_taken(tmp_path):
+    """The best model is chosen by comparing evaluations: resuming with another layout or cap is refused."""
+    if not (DATA / "timemachine.txt").is_file():
+        pytest.skip(f"corpora not found at {DATA}")
+    tiny = ["--num-hiddens", "8", "--batch-size", "4", "--num-steps", "5", "--max-tokens", "300", "--backend",
+            "numpy", "--num-preds", "0", "--val-max-tokens", "300", "--out", tmp_path / "run", "--quiet"]
+    code, out, err = run_cli("train", *tiny, "--num-epochs", "1")
+    assert code == 0, err
+    for changed in (["--val-max-tokens", "0"], ["--eval-batch", "4"], ["--eval-warmup", "8"]):
+        code, out, err = run_cli("train", *tiny, "--num-epochs", "2", "--resume", *changed)
+        assert code == 1 and f"{changed[0]} differs from the checkpoint" in err, err

@@ -321,9 +321,15 @@ def cmd_train(ns) -> int:
     world = distributed.init()
     try:
         return _train(ns, world)
-    except RnnlabError:             # the same on every rank (the same flags, agreed failures): said once
+    except RnnlabError:             # the same on every rank (agreed failures, divergence): said once
         if world.main:
             raise
+        return 1
+    except RuntimeError as e:       # a collective whose peer is gone (rank 0 says what went wrong, once)
+        if world.main or not world.distributed:
+            raise
+        print(f"rnnlab train: rank {world.rank}: stopped: another rank stopped ({type(e).__name__})",
+              file=sys.stderr)
         return 1
     finally:
         distributed.shutdown(world)
@@ -333,18 +339,9 @@ def _train(ns, world) -> int:
     from . import distributed
     from . import train as training
     say = functools.partial(print, file=sys.stderr) if world.main else (lambda *args, **kwargs: None)
-    if ns.out is not None and not ns.out.strip():
-        raise RnnlabError("--out is empty; give the run directory (or --no-save to save nothing)")
-    if ns.no_save and (ns.out or ns.resume):
-        raise RnnlabError("--no-save saves nothing: it goes with neither --out nor --resume")
-    if ns.resume and ns.init_from:
-        raise RnnlabError("--resume continues a run and --init-from starts a new one: give one of them")
-    data, model, train_cfg, preset_note = _train_settings(ns)
-    check_device(train_cfg.get("device", "auto"), train_cfg.get("backend", "auto"))
-    if ns.resume and (not ns.out or ns.overwrite):
-        raise RnnlabError("--resume needs --out DIR, the run to continue (and no --overwrite)")
-    run = writer = error = None
+    run = writer = error = preset_note = None
     try:                            # on any rank, a failure here must reach the others (world.agree)
+        data, model, train_cfg, preset_note = _checked_settings(ns)
         if ns.resume:
             run = training.resume_run(ns.out, data, model, train_cfg, world)
         elif ns.init_from:
@@ -366,6 +363,21 @@ def _train(ns, world) -> int:
     finally:
         if writer is not None:
             writer.close()
+
+
+def _checked_settings(ns) -> tuple[dict, dict, dict, str | None]:
+    """The flags of `rnnlab train` checked together: the settings of the run (see `_train_settings`)."""
+    if ns.out is not None and not ns.out.strip():
+        raise RnnlabError("--out is empty; give the run directory (or --no-save to save nothing)")
+    if ns.no_save and (ns.out or ns.resume):
+        raise RnnlabError("--no-save saves nothing: it goes with neither --out nor --resume")
+    if ns.resume and ns.init_from:
+        raise RnnlabError("--resume continues a run and --init-from starts a new one: give one of them")
+    data, model, train_cfg, preset_note = _train_settings(ns)
+    check_device(train_cfg.get("device", "auto"), train_cfg.get("backend", "auto"))
+    if ns.resume and (not ns.out or ns.overwrite):
+        raise RnnlabError("--resume needs --out DIR, the run to continue (and no --overwrite)")
+    return data, model, train_cfg, preset_note
 
 
 def _fit(ns, run, writer, out, preset_note: str | None, say) -> int:

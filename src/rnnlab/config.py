@@ -222,7 +222,8 @@ RUN_DEFINING = {
                   if f.name not in ("data_dir", "corpus", "prepared")),
     "model": tuple(f.name for f in dataclasses.fields(ModelConfig)),
     "train": ("batch_size", "num_steps", "theta", "clip_mode", "optimizer", "momentum", "weight_decay",
-              "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "state", "seed", "dtype"),
+              "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "state", "seed", "dtype",
+              "eval_batch", "eval_warmup", "val_max_tokens"),      # how held-out figures compare
 }
 
 

@@ -189,11 +189,10 @@ def score_stream(backend, tokens, chunk: int = CHUNK, pieces: int = 0, warmup: i
     return {**summarize(total, count), "scoring": scoring(layout, backend)}
 
 
-def score_heldout(backend, val, cfg, epoch: int, elapsed_s: float) -> dict:
+def score_heldout(backend, val, cfg, last: bool) -> dict:
     """An evaluation while training (cfg: the TrainConfig): at most `cfg.val_max_tokens` targets of the
-    held-out split, except at the run's last evaluation (its last epoch, or its time budget used up), which
-    scores the whole split."""
-    last = epoch >= cfg.num_epochs or 0 < cfg.time_budget <= elapsed_s / 60
+    held-out split, except at the run's `last` evaluation (its last epoch, or its time budget used up: the
+    training loop decides, the same on every rank), which scores the whole split."""
     if not last or cfg.val_max_tokens <= 0:
         return score_stream(backend, val, pieces=cfg.eval_batch, warmup=cfg.eval_warmup,
                             max_tokens=0 if last else cfg.val_max_tokens)

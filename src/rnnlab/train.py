@@ -377,7 +377,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
     if run.train_cfg.torch_impl == "compile" and "compile" in run.backend.name and run.step == 0:
         log("compiling the training step with torch.compile: the first minibatch takes a minute or more")
 
-    def checkpoint_now(evaluate_too: bool) -> None:
+    def checkpoint_now(evaluate_too: bool, last: bool = False) -> None:
         """Evaluate (and log) or only checkpoint the state just reached, once the divergence check passed."""
         nonlocal last_good, window
         reason = divergence(run, stats_so_far())
@@ -386,7 +386,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
         run.elapsed_s = clock.elapsed()
         improved = False
         if evaluate_too:
-            improved = _evaluate(run, stats_so_far(), window, log)
+            improved = _evaluate(run, stats_so_far(), window, log, last)
             window = EpochStats()
         if writer is not None or rollback or run.world.distributed:    # every rank: the state is gathered
             last_good = make_checkpoint(run)
@@ -417,7 +417,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
                     due_eval = _due(run.step, evals, "step")
                     out_of_time, stopping = run.world.any(clock.out_of(cfg.time_budget), stop.requested)
                     if due_eval or out_of_time:
-                        checkpoint_now(evaluate_too=True)
+                        checkpoint_now(evaluate_too=True, last=out_of_time)
                     elif stopping or _due(run.step, saves, "step") or run.step == stop_at_step:
                         checkpoint_now(evaluate_too=False)
                     if stopping:
@@ -442,8 +442,9 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
         run.loss_level = min(run.loss_level, stats.nll_sum / max(stats.tokens, 1))
         out_of_time, = run.world.any(clock.out_of(cfg.time_budget))
         if _due(run.epoch, evals, "epoch") or run.epoch == cfg.num_epochs or out_of_time:
-            checkpoint_now(evaluate_too=True)
-            if cfg.patience and run.evals_since_best >= cfg.patience:
+            checkpoint_now(evaluate_too=True, last=out_of_time or run.epoch == cfg.num_epochs)
+            patience_used, = run.world.any(bool(cfg.patience) and run.evals_since_best >= cfg.patience)
+            if patience_used:
                 log(f"early stop at epoch {run.epoch}: no better held-out loss in {cfg.patience} "
                     f"evaluations (best {math.exp(run.best_val_nats):.3f} ppl, kept in {rundir.BEST_DIR}/)")
                 break
@@ -454,11 +455,12 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
             checkpoint_now(evaluate_too=False)
 
 
-def _evaluate(run: Run, stats: EpochStats, window: EpochStats, log: Callable[[str], None]) -> bool:
-    """Score the held-out split, draw the samples that are due, append and log a record; whether the held-out
-    loss is the best so far."""
+def _evaluate(run: Run, stats: EpochStats, window: EpochStats, log: Callable[[str], None],
+              last: bool = False) -> bool:
+    """Score the held-out split (all of it at the run's `last` evaluation, else at most --val-max-tokens), draw
+    the samples that are due, append and log a record; whether the held-out loss is the best so far."""
     cfg = run.train_cfg
-    val = evaluate.score_heldout(run.backend, run.dataset.val, cfg, run.epoch, run.elapsed_s)
+    val = evaluate.score_heldout(run.backend, run.dataset.val, cfg, last)
     compared = val.pop("compared_nats", val["nats_per_token"])      # with --val-max-tokens: the capped part
     improved = compared < run.best_val_nats
     if improved:
