@@ -250,3 +250,15 @@ def test_a_resumed_run_keeps_how_its_held_out_figures_are_taken(tmp_path):
     for changed in (["--val-max-tokens", "0"], ["--eval-batch", "4"], ["--eval-warmup", "8"]):
         code, out, err = run_cli("train", *tiny, "--num-epochs", "2", "--resume", *changed)
         assert code == 1 and f"{changed[0]} differs from the checkpoint" in err, err
+
+
+def test_the_columns_a_cap_allows_are_the_most_that_count_at_most_it():
+    """Layout.columns, computed per piece, against counting every (row, column) of the layout."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, K, W = int(rng.integers(2, 2000)), int(rng.integers(1, 40)), int(rng.integers(0, 100))
+        layout, cap = evaluate.plan(n, K, W), int(rng.integers(1, n + 5))
+        M = int(layout.lengths.max())
+        per_column = layout.counted(np.arange(M)[None, :]).sum(axis=0)          # (M,)
+        wanted = M if cap >= n else int(np.searchsorted(np.cumsum(per_column), cap, side="right"))
+        assert layout.columns(cap) == wanted, (n, K, W, cap)

@@ -90,8 +90,14 @@ class Layout:
         M = int(self.lengths.max())
         if max_tokens <= 0 or max_tokens >= self.starts[-1]:
             return M
-        per_column = self.counted(np.arange(M)[None, :]).sum(axis=0)               # (M,)
-        return int(np.searchsorted(np.cumsum(per_column), max_tokens, side="right"))
+
+        def counted_in(m: int) -> int:               # targets the first m columns count, in O(K)
+            return int(np.clip(m - self.warm, 0, self.lengths - self.warm).sum())
+        low, high = 0, M                             # the most columns counting at most max_tokens
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if counted_in(mid) <= max_tokens else (low, mid - 1)
+        return low
 
 
 def plan(n: int, pieces: int = 0, warmup: int = WARMUP) -> Layout:
