@@ -15,6 +15,13 @@ def data_env(monkeypatch, tmp_path_factory):
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))     # `rnnlab train` without --out writes ./runs/...
 
 
+@pytest.fixture
+def needs_corpora():
+    """Skip a test (use with `pytestmark = pytest.mark.usefixtures("needs_corpora")`) where the corpora are not."""
+    if not (DATA / "timemachine.txt").is_file():
+        pytest.skip(f"corpora not found at {DATA}")
+
+
 @pytest.fixture(scope="session")
 def timemachine_text():
     path = DATA / "timemachine.txt"

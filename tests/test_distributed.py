@@ -44,11 +44,7 @@ finally:
 """
 
 
-@pytest.fixture(autouse=True)
-def needs_corpus(monkeypatch):
-    if not (DATA / "timemachine.txt").is_file():
-        pytest.skip(f"corpora not found at {DATA}")
-    monkeypatch.setenv("RNNLAB_DATA", str(DATA))
+pytestmark = pytest.mark.usefixtures("needs_corpora")
 
 
 def torchrun(cwd: Path, *args: str, ranks: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -14,7 +14,6 @@ from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
 
-from conftest import DATA  # noqa: E402
 
 
 class LastTokens:
@@ -191,9 +190,8 @@ def test_the_fused_path_scores_with_its_bf16_matmuls():
 
 # ---- training and `rnnlab eval` say how they scored ----
 
+@pytest.mark.usefixtures("needs_corpora")
 def test_training_caps_its_evaluations_and_scores_the_whole_split_last():
-    if not (DATA / "timemachine.txt").is_file():
-        pytest.skip(f"corpora not found at {DATA}")
     run = train.new_run(DataConfig(max_tokens=300), ModelConfig(num_hiddens=8),
                         TrainConfig(num_epochs=2, log_every=1, batch_size=4, num_steps=5, backend="numpy",
                                     eval_batch=4, eval_warmup=32, val_max_tokens=1000, num_preds=0))
@@ -210,9 +208,8 @@ def test_training_caps_its_evaluations_and_scores_the_whole_split_last():
                         rel_tol=1e-9)
 
 
+@pytest.mark.usefixtures("needs_corpora")
 def test_eval_flags_reproduce_a_training_evaluation(tmp_path):
-    if not (DATA / "timemachine.txt").is_file():
-        pytest.skip(f"corpora not found at {DATA}")
     how = ["--eval-batch", "3", "--eval-warmup", "20", "--val-max-tokens", "600"]
     code, out, err = run_cli("train", "--num-hiddens", "8", "--batch-size", "4", "--num-steps", "5", "--max-tokens",
                           "300", "--num-epochs", "1", "--backend", "numpy", "--quiet", "--out", tmp_path / "run",
@@ -239,10 +236,9 @@ def test_eval_flags_reproduce_a_training_evaluation(tmp_path):
         assert code != 0 and len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
+@pytest.mark.usefixtures("needs_corpora")
 def test_a_resumed_run_keeps_how_its_held_out_figures_are_taken(tmp_path):
     """The best model is chosen by comparing evaluations: resuming with another layout or cap is refused."""
-    if not (DATA / "timemachine.txt").is_file():
-        pytest.skip(f"corpora not found at {DATA}")
     tiny = ["--num-hiddens", "8", "--batch-size", "4", "--num-steps", "5", "--max-tokens", "300", "--backend",
             "numpy", "--num-preds", "0", "--val-max-tokens", "300", "--out", tmp_path / "run", "--quiet"]
     code, out, err = run_cli("train", *tiny, "--num-epochs", "1")

@@ -28,10 +28,7 @@ TINY = ["--num-hiddens", "8", "--batch-size", "4", "--num-steps", "8", "--max-to
         "--backend", "numpy", "--quiet", "--preset", "book"]
 
 
-@pytest.fixture(autouse=True)
-def corpora_present():
-    if not (DATA / "timemachine.txt").is_file():
-        pytest.skip(f"corpora not found at {DATA}")
+pytestmark = pytest.mark.usefixtures("needs_corpora")
 
 
 def assert_same(got, expected):

@@ -5,7 +5,7 @@ Python strings and a Counter, in a few passes over chunks with `bytes.translate`
 one byte per character: the preprocessed bytes are written into one uint8 array and then turned into token
 indices in place; temporary arrays are per chunk.
 
-`preprocess_piece` is the unit both this module and prepared.py (which streams a file of any size) use: one
+`preprocess_piece` is the unit both this module and prepare.py (which streams a file of any size) use: one
 piece of the text, cut just after a line break or between two letters (`cut`), so no line (d2l), run of
 non-letters (letters) or '\r\n' (raw, unicode) is split; letters mode carries whether the previous piece
 ended in a letter. d2l and letters read bytes only: every byte of a multi-byte UTF-8 character is >= 0x80, so

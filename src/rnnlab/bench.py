@@ -10,7 +10,6 @@ path. The roofline is a measured matmul peak divided by the FLOPs a training tok
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import platform
 import statistics
@@ -154,15 +153,16 @@ def gated_paths(cfg: BenchConfig, vocab_size: int, device: str, compile: bool = 
     on the nn cell variant's, of the same shapes). There is no book baseline: the ratios are to torch
     autograd."""
     from .backends import jax_available, make_backend
-    make = functools.partial(cells.init_params, vocab_size, cfg.num_hiddens, np.random.default_rng(0),
-                             np.dtype("float32"), cfg.cell, cfg.num_layers, cfg.embed_size)
+    def make(variant: str = "book") -> dict:            # seed 0 every time: the same weights
+        return cells.init_params(vocab_size, cfg.num_hiddens, np.random.default_rng(0), np.dtype("float32"),
+                                 cfg.cell, cfg.num_layers, cfg.embed_size, cell_variant=variant)
     params, paths = make(), {}
     try:
         import torch  # noqa: F401
         paths = {"torch autograd": make_backend("torch", params, device=device, torch_impl="autograd"),
                  "torch autograd bf16": make_backend("torch", params, device=device, torch_impl="autograd",
                                                      matmul_dtype="bfloat16"),
-                 "torch nn": make_backend("torch", make(cell_variant="nn"), device=device, torch_impl="nn")}
+                 "torch nn": make_backend("torch", make("nn"), device=device, torch_impl="nn")}
         if compile:
             paths["torch compile f32"] = make_backend("torch", params, device=device, torch_impl="compile")
     except ImportError:

@@ -166,18 +166,27 @@ def _read(path: Path) -> tuple[str, str]:
         data = Path(path).read_bytes()
     except OSError as e:
         raise RnnlabError(f"cannot read {path}: {e.strerror}") from None
-    if not data:
-        raise RnnlabError(f"{path} is empty")
-    if b"\x00" in data[: 1 << 20]:
-        raise RnnlabError(f"{path} looks binary (contains NUL bytes); rnnlab trains on UTF-8 text")
+    check_start(path, data[:HEAD_BYTES])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RnnlabError(f"{path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
-    text = text.removeprefix("\ufeff")
-    if not text:
+    return text.removeprefix("\ufeff"), hashlib.sha256(data).hexdigest()
+
+
+HEAD_BYTES = 1 << 20        # how much of a file is looked at for NUL bytes
+BOM = b"\xef\xbb\xbf"        # UTF-8's byte-order mark
+
+
+def check_start(path, head: bytes) -> None:
+    """Refuse a text file from its first HEAD_BYTES bytes: empty, only a byte-order mark, or binary (a NUL
+    byte)."""
+    if not head:
+        raise RnnlabError(f"{path} is empty")
+    if head == BOM:
         raise RnnlabError(f"{path} is empty (it holds only a byte-order mark)")
-    return text, hashlib.sha256(data).hexdigest()
+    if b"\x00" in head:
+        raise RnnlabError(f"{path} looks binary (contains NUL bytes); rnnlab trains on UTF-8 text")
 
 
 def load(name_or_path: str, data_dir=None) -> tuple[str, Path, str]:

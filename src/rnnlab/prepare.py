@@ -27,7 +27,6 @@ from .fileio import atomic_write_json, sha256_file
 from .prepared import FORMAT, LOCK_FILE, META_FILE, MODES, TEMP_NAME, TOKENS_NAME, VERSION, _checksum
 
 CHUNK = 8 << 20                   # bytes read at a time: what bounds the memory of both passes
-BOM = b"\xef\xbb\xbf"
 Progress = Callable[[str, int, int], None]      # (pass, bytes done, bytes in all)
 
 
@@ -79,20 +78,15 @@ def _check_settings(preprocess: str, token: str, val_fraction: float, chunk_size
 
 
 def _check_source(path: Path) -> int:
-    """The size of a text file that is not empty, holds more than a byte-order mark and has no NUL byte in
-    its first MiB (the checks `corpora.read_text` makes); else one line."""
+    """The size of a text file that passes `corpora.check_start` (the checks `corpora.read_text` makes);
+    else one line."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 20)
+            head = f.read(corpora.HEAD_BYTES)
             size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise RnnlabError(f"cannot read {path}: {e.strerror}") from None
-    if not head:
-        raise RnnlabError(f"{path} is empty")
-    if head == BOM:
-        raise RnnlabError(f"{path} is empty (it holds only a byte-order mark)")
-    if b"\x00" in head:
-        raise RnnlabError(f"{path} looks binary (contains NUL bytes); rnnlab trains on UTF-8 text")
+    corpora.check_start(path, head)
     return size
 
 
@@ -286,7 +280,7 @@ def _count_pass(path: Path, size: int, preprocessed: Path, mode: str, token: str
     counts, digest, after_letter = _Counts(token), _Digest(), True
     cut = _word_cut if token == "word" else _char_cut
     with open(path, "rb") as src, open(preprocessed, "wb") as dst:
-        for offset, chunk in _chunks(src, chunk_size, cut, digest, skip=BOM):
+        for offset, chunk in _chunks(src, chunk_size, cut, digest, skip=corpora.BOM):
             decoded = _decoded(chunk, path, offset)
             if token == "word":
                 words = text.preprocess(chunk.decode("ascii") if decoded is None else decoded, mode, "word")
