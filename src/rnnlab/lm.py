@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import decoding, text
+from . import decoding, evaluate, text
 from .config import GenerateConfig, to_dict
 from .errors import RnnlabError
 
@@ -55,12 +55,10 @@ class Scored:
 
     def summary(self) -> dict:
         """Totals, as `rnnlab eval` reports them (nats, bits and perplexity per token)."""
-        n, total = len(self.nll), float(self.nll.sum())
-        nats = total / n
+        totals = evaluate.summarize(float(self.nll.sum()), len(self.nll))
         per = "char" if self.token == "char" else "token"
-        return {"tokens": n, "nats_per_token": nats, "bits_per_token": nats / math.log(2),
-                "perplexity": math.exp(nats) if nats < 700 else math.inf, "total_bits": total / math.log(2),
-                f"bits_per_{per}": nats / math.log(2), "unknown": dict(self.unknown)}
+        return {**totals, "total_bits": float(self.nll.sum()) / math.log(2),
+                f"bits_per_{per}": totals["bits_per_token"], "unknown": dict(self.unknown)}
 
     def rows(self) -> list[dict]:
         """One dict per token: position, token, log-probability (nats), surprisal (bits), whether the
