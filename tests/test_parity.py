@@ -232,15 +232,14 @@ def test_compiled_deep_networks_agree(arch):
         assert rel_err(g1[name], as_np(g2[name])) < 1e-10, name
 
 
-def test_fused_is_chosen_only_for_the_book_rnn():
+def test_auto_and_named_paths_for_deep_and_one_hot_networks():
     deep = random_params(5, 4, np.float32, cell="rnn", num_layers=2)
     book = random_params(5, 4, np.float32)
     assert make_backend("torch", book).name == "torch-fused"               # auto: fused for the book's model
-    assert make_backend("torch", book, dropout=0.2).name == "torch-autograd"
     auto = make_backend("torch", deep, matmul_dtype="bfloat16")
-    assert type(auto) is TorchBackend and auto.name == "torch-autograd" and auto.autocast
-    with pytest.raises(RnnlabError, match="it can run on: autograd, compile"):
-        make_backend("torch", deep, torch_impl="fused")                  # never a silent fallback
+    assert auto.name == "torch-fused" and auto.low_precision               # and for any book-variant stack
+    named = make_backend("torch", deep, torch_impl="autograd", matmul_dtype="bfloat16")
+    assert type(named) is TorchBackend and named.name == "torch-autograd" and named.autocast
     with pytest.raises(RnnlabError, match="it can run on: autograd$"):
         make_backend("torch", book, torch_impl="compile", onehot_input=True)
     assert make_backend("numpy", book).name == "numpy"

@@ -249,7 +249,7 @@ def test_make_backend_runs_nn_models_on_the_nn_path_and_refuses_book_models():
     assert make_backend("torch", nn_params, torch_impl="autograd").name == "torch-autograd"
     with pytest.raises(RnnlabError, match="it can run on: fused, autograd, compile$"):
         make_backend("torch", random_params(5, 4, np.float32), torch_impl="nn")
-    with pytest.raises(RnnlabError, match="--cell-variant nn.*it can run on: autograd, compile$"):
+    with pytest.raises(RnnlabError, match="--cell-variant nn.*it can run on: fused, autograd, compile$"):
         make_backend("torch", random_params(5, 4, np.float32, cell="gru"), torch_impl="nn")
 
 

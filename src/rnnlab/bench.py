@@ -162,7 +162,10 @@ def gated_paths(cfg: BenchConfig, vocab_size: int, device: str, compile: bool = 
         paths = {"torch autograd": make_backend("torch", params, device=device, torch_impl="autograd"),
                  "torch autograd bf16": make_backend("torch", params, device=device, torch_impl="autograd",
                                                      matmul_dtype="bfloat16"),
-                 "torch nn": make_backend("torch", make("nn"), device=device, torch_impl="nn")}
+                 "torch nn": make_backend("torch", make("nn"), device=device, torch_impl="nn"),
+                 "torch fused f32": make_backend("torch", params, device=device, torch_impl="fused"),
+                 "torch fused bf16": make_backend("torch", params, device=device, torch_impl="fused",
+                                                   matmul_dtype="bfloat16")}
         if compile:
             paths["torch compile f32"] = make_backend("torch", params, device=device, torch_impl="compile")
     except ImportError:

@@ -121,9 +121,9 @@ class TrainConfig:
     dtype: str = option("float32", "parameter and compute dtype", choices=("float32", "float64"))
     matmul_dtype: str = option("same", "torch: dtype of matmul operands; bfloat16 keeps float32 master "
                                        "weights, states and sums", choices=("same", "bfloat16"))
-    torch_impl: str = option("auto", "torch path: auto = fused for the book's model, nn for --cell-variant nn, "
-                                     "autograd for any other; fused = hand-written BPTT (the book's one-layer "
-                                     "RNN only; fastest exact path); autograd = autograd over the reference "
+    torch_impl: str = option("auto", "torch path: auto = fused for the book variant of every cell, nn for "
+                                     "--cell-variant nn; fused = hand-written BPTT (RNN, GRU and LSTM stacks of "
+                                     "any depth; fastest exact path); autograd = autograd over the reference "
                                      "forward; compile = that autograd step compiled by torch.compile (slow "
                                      "first step); nn = torch.nn.RNN/GRU/LSTM, cuDNN on a GPU (--cell-variant "
                                      "nn models only)", choices=("auto", "fused", "autograd", "compile", "nn"))

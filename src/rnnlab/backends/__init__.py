@@ -213,17 +213,18 @@ def masked_params(params: dict, weight_masks: dict | None, convert=lambda m, p: 
 
 def torch_paths(params: dict, onehot_input: bool = False, dropout: float = 0.0) -> tuple[str, ...]:
     """The torch paths that can run the network of `params`, fastest first on the CPU: the fused
-    hand-written BPTT runs the book's model only (one RNN layer on one-hot input, no dropout); nn
-    (torch.nn's layers) runs the nn cell variant only; autograd runs everything; compile runs what autograd
+    hand-written BPTT runs the book variant of every cell, depth and input except the literal one-hot matmul;
+    nn (torch.nn's layers) runs the nn cell variant only; autograd runs everything; compile runs what autograd
     does except the literal one-hot matmul."""
     from .. import cells
     arch = cells.describe(params)
-    fused = not onehot_input and not dropout and arch.is_book_rnn
+    fused = not onehot_input and arch.variant == "book"
     return (("fused",) if fused else ()) + (("nn",) if arch.variant == "nn" else ()) + ("autograd",) \
         + (() if onehot_input else ("compile",))
 
 
-_PATH_LIMITS = {"fused": "the fused path runs the book's one-layer RNN on one-hot input without dropout",
+_PATH_LIMITS = {"fused": "the fused path runs the book variant of each cell (not --cell-variant nn), without "
+                         "the literal one-hot matmul",
                 "nn": "the nn path runs torch.nn's cells: train with --cell-variant nn",
                 "compile": "the compile path does not run the literal one-hot matmul"}
 
@@ -264,9 +265,12 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
     if torch_impl == "fused":
         import torch
 
+        from .. import cells
         from .torch_fused import TorchFusedBackend
+        from .torch_gated import TorchGatedBackend
         low = torch.bfloat16 if matmul_dtype == "bfloat16" else None
-        return TorchFusedBackend(params, activation, device, low)
+        book_model = cells.describe(params).is_book_rnn and not dropout      # the §8.5 model's own path
+        return (TorchFusedBackend if book_model else TorchGatedBackend)(params, activation, device, low)
     if torch_impl == "nn":
         from .torch_nn import TorchNNBackend
         return TorchNNBackend(params, activation, device, onehot_input, matmul_dtype)

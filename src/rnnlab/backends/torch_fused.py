@@ -72,6 +72,20 @@ class TorchFusedBackend(TorchBackend):
                 low[t].copy_(states[t])
         return states
 
+    def _head(self, p: dict, top: torch.Tensor, y: torch.Tensor):
+        """The output layer and the mean loss over all T*B rows at once: top (T*B, H), y (T*B,) ->
+        (loss as a 0-d tensor, {"W_hq", "b_q"} gradients, dL/dtop (T*B, H))."""
+        logits = self._mm(top, p["W_hq"])
+        logits += p["b_q"]
+        log_p = torch.log_softmax(logits, dim=1)
+        rows = torch.arange(len(y), device=self.device)
+        loss = -log_p[rows, y].mean()
+        dlogits = log_p.exp_()                                       # softmax, in place
+        dlogits[rows, y] -= 1
+        dlogits /= len(y)                                            # d mean / d logits
+        grads = {"W_hq": self._mm(top.T, dlogits), "b_q": dlogits.sum(0)}
+        return loss, grads, self._mm(dlogits, p["W_hq"].T)
+
     @torch.no_grad()        # not inference mode: the work buffers it fills are the training step's too
     def token_nll(self, X, Y, state):
         """Per-prediction NLL (T*B,) as float64 numpy, time-major, and the final state (1, B, H): the
@@ -92,19 +106,10 @@ class TorchFusedBackend(TorchBackend):
         X, y = self._tensor(X), self._tensor(Y).T.reshape(-1)        # y (T*B,) time-major
         states = self._forward_states(p, X, state[0])
         T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
-        Hs = states[1:].reshape(T * B, H)
         # 1) output layer and loss over all T*B rows at once
-        logits = self._mm(Hs, p["W_hq"])
-        logits += p["b_q"]
-        log_p = torch.log_softmax(logits, dim=1)
-        rows = torch.arange(len(y), device=self.device)
-        loss = -log_p[rows, y].mean()
-        dlogits = log_p.exp_()                                       # softmax, in place
-        dlogits[rows, y] -= 1
-        dlogits /= len(y)                                            # d mean / d logits
-        grads = {"W_hq": self._mm(Hs.T, dlogits), "b_q": dlogits.sum(0)}
+        loss, grads, d_top = self._head(p, states[1:].reshape(T * B, H), y)
         # 2) back through time: dA_t = (dL/dH_t + dA_{t+1} W_hh^T) * phi'(a_t), in place in dA
-        dA = self._mm(dlogits, p["W_hq"].T).view(T, B, H)           # dL/dH_t from the output layer
+        dA = d_top.view(T, B, H)                                     # dL/dH_t from the output layer
         dphi = self._buffer("dphi", (T, B, H))                         # phi'(a_t) from H_t, in place
         if self.activation == "tanh":
             torch.mul(states[1:], states[1:], out=dphi).neg_().add_(1)  # 1 - H_t^2
