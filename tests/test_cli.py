@@ -661,8 +661,12 @@ def test_bench_quick_reports_every_path_as_json(capsys):
     assert roof["tokens_per_s_bound"] > 0 and roof["wide_matmul_gflops"] > 0
     assert set(result["generate"]) == {"book predict_ch8 (greedy, batch 1)", "rnnlab greedy, batch 1",
                                        "rnnlab sampled, batch 1", "rnnlab sampled, 64 at once",
-                                       "rnnlab top-k 10 top-p .9, 64", "rnnlab beam search, 8 beams"}
+                                       "rnnlab top-k 10 top-p .9, 64", "rnnlab beam search, 8 beams",
+                                       "lstm greedy, batch 1", "lstm sampled, 64 at once"}
     assert all(row["chars_per_s"] > 0 for row in result["generate"].values())
+    many = result["generate"]["lstm sampled, 64 at once"]
+    assert many["rows"] == 64 and many["bound_chars_per_s"] > 0 and many["roofline_fraction"] > 0
+    assert many["flops_per_char"] == 2 * (3 * 384 * 4 * 384 + 384 * 28)
     assert all(row["peak_bytes_per_char"] > 0 for row in result["data"].values())
 
 

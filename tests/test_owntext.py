@@ -219,3 +219,27 @@ def test_a_presets_prompts_are_dropped_for_another_corpus():
 def test_resolve_refuses_an_unknown_preset():
     with pytest.raises(RnnlabError, match="unknown preset 'novel'"):
         presets.resolve("novel", {"corpus": "x.txt"}, {}, {})
+
+
+@pytest.mark.usefixtures("needs_corpora")
+@pytest.mark.parametrize("name", [n for n, p in presets.PRESETS.items() if "corpus" in p["data"]])
+def test_every_corpus_preset_builds_a_valid_run_on_its_own_corpus_and_can_write_its_prompts(name):
+    """A preset made for a corpus names one that exists, its settings pass the config checks, and every
+    prompt it samples from is spelled by that corpus's vocabulary (no `<unk>` in a preset's own samples)."""
+    data, model, train, note = presets.resolve(name, {}, {}, {})
+    assert note is None and train["prefixes"] == presets.PRESETS[name]["train"].get("prefixes", ())
+    validate_sizes(DataConfig(**data), ModelConfig(**model), TrainConfig(**train))
+    raw = corpora.read_text(corpora.locate(data["corpus"]))
+    tokens = text.preprocess(raw, data["preprocess"], "char")
+    for prompt in train["prefixes"]:
+        normalised = text.preprocess(prompt, data["preprocess"], "char")
+        assert normalised and set(normalised) <= set(tokens), (name, prompt)
+
+
+def test_a_presets_torch_path_gives_way_to_another_backend():
+    assert presets.resolve("timemachine", {}, {}, {})[2]["matmul_dtype"] == "bfloat16"
+    for backend in ("numpy", "jax"):
+        train = presets.resolve("timemachine", {}, {}, {"backend": backend})[2]
+        assert "matmul_dtype" not in train and "torch_impl" not in train and train["num_epochs"] == 44
+    named = presets.resolve("timemachine", {}, {}, {"backend": "numpy", "matmul_dtype": "bfloat16"})[2]
+    assert named["matmul_dtype"] == "bfloat16"                # given: kept, and refused by the backend

@@ -205,34 +205,101 @@ def bench_training(cfg: BenchConfig, device="cpu", warmup=1, repeats=3, num_batc
             "paths": rows, "ratios_to": against}
 
 
-def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None) -> dict:
-    """Batch-1 greedy and 64 sampled continuations at once (chars/s, all rows counted), book config."""
+def generation_matmuls(cfg: BenchConfig, vocab_size: int) -> list[tuple[int, int, int]]:
+    """The matmuls of one decoding step, per continuation, as (inputs, columns, how many): those the numpy
+    decoder runs. Layer 1's input projection is a row of a precomputed table, so per layer there is the
+    recurrence (H, G H), above the first layer the input projection (H, G H), and on top the output layer
+    (H, V)."""
+    H, G = cfg.num_hiddens, GATES[cfg.cell]
+    return [(H, G * H, 2 * cfg.num_layers - 1), (H, vocab_size, 1)]
+
+
+def numpy_matmul_rate(B: int, K: int, N: int, seconds: float = 0.2) -> float:
+    """Measured FLOP/s of a float32 (B, K) @ (K, N) product with numpy (what the numpy decoder runs), into a
+    preallocated result: the median over batches of calls."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((B, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+    out, calls = np.empty((B, N), np.float32), max(1, int(2e6 // (B * K * N)))
+    for _ in range(calls):
+        np.dot(a, b, out=out)
+    rates, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or not rates:
+        start = time.perf_counter()
+        for _ in range(calls):
+            np.dot(a, b, out=out)
+        rates.append(calls * 2 * B * K * N / (time.perf_counter() - start))
+    return float(np.median(rates))
+
+
+def generation_roofline(cfg: BenchConfig, vocab_size: int, B: int, seconds: float = 0.2, rates=None) -> dict:
+    """The float32 bound on chars/s of decoding B continuations at once: a step's matmuls
+    (`generation_matmuls`), each at the matmul rate measured at its shape, (B, K) @ (K, N): the better of
+    numpy and torch (`bench_book.matmul_peak`). `rates` caches the rates by shape."""
+    rates = {} if rates is None else rates
+    step_seconds, flops, gflops = 0.0, 0.0, {}
+    for K, N, count in generation_matmuls(cfg, vocab_size):
+        if (B, K, N) not in rates:
+            rate = numpy_matmul_rate(B, K, N, seconds)
+            try:
+                from . import bench_book
+                rate = max(rate, bench_book.matmul_peak(B, K, seconds=seconds, columns=N))
+            except ImportError:
+                pass
+            rates[B, K, N] = rate
+        step_seconds += count * 2 * B * K * N / rates[B, K, N]
+        flops += count * 2 * K * N
+        gflops[f"{B}x{K} @ {K}x{N}"] = rates[B, K, N] / 1e9
+    return {"flops_per_char": flops, "matmul_gflops": gflops, "chars_per_s_bound": B / step_seconds}
+
+
+GENERATION_MODELS = {"book": CONFIGS["book"], "lstm": CONFIGS["lstm"]}
+
+
+def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None, peak_seconds=0.2) -> dict:
+    """chars/s (all rows counted) of decoding as `rnnlab generate` runs it, through `LM` and the numpy
+    backend: the book config (one RNN layer, H=512) greedy and sampled, one continuation or 64 at once, and
+    beam search, then the bench's lstm config (2 layers, H=384, E=64); ratios to the book's `predict_ch8`.
+    Every rnnlab row has its roofline (`generation_roofline`, at its number of rows) and the rate as a
+    fraction of it."""
     _, vocab = _corpus("char", data_dir)
-    params = cells.init_params(len(vocab), 512, np.random.default_rng(0))
+    V = len(vocab)
+    book_params = cells.init_params(V, 512, np.random.default_rng(0))
     prefix = vocab[list("time traveller")]
     rows = {}
     try:
         from . import bench_book
-        book = bench_book.BookRNN(params)
+        book = bench_book.BookRNN(book_params)
         seconds = timed(lambda: bench_book.predict_ch8(prefix, num_chars, book), warmup, repeats)
         rows["book predict_ch8 (greedy, batch 1)"] = {"chars_per_s": num_chars / seconds}
     except ImportError:
         pass
     from .backends.numpy_backend import NumpyBackend
-    model = NumpyBackend(params)
-    # (label, continuations decoded at once, chars counted per step, decoding options), decoded by `LM`
-    # as `rnnlab generate` runs them
-    cases = (("rnnlab greedy, batch 1", 1, 1, {}),
-             ("rnnlab sampled, batch 1", 1, 1, {"temperature": 1.0}),
-             ("rnnlab sampled, 64 at once", 64, 64, {"temperature": 1.0, "num_samples": 64}),
-             ("rnnlab top-k 10 top-p .9, 64", 64, 64, {"temperature": 1.0, "top_k": 10, "top_p": 0.9,
-                                                      "num_samples": 64}),
-             ("rnnlab beam search, 8 beams", 8, 1, {"beam": 8}))
-    lm = LM(model, vocab, DataConfig(), ModelConfig())
-    for label, batch, counted, options in cases:
-        def run(options=options):
+    lstm = CONFIGS["lstm"]
+    lstm_params = cells.init_params(V, lstm.num_hiddens, np.random.default_rng(0), np.float32, "lstm",
+                                    lstm.num_layers, lstm.embed_size, init="uniform")
+    models = {"book": LM(NumpyBackend(book_params), vocab, DataConfig(), ModelConfig()),
+              "lstm": LM(NumpyBackend(lstm_params), vocab, DataConfig(),
+                         ModelConfig(cell="lstm", num_hiddens=lstm.num_hiddens, num_layers=lstm.num_layers,
+                                     embed_size=lstm.embed_size))}
+    sampled, many = {"temperature": 1.0}, {"temperature": 1.0, "num_samples": 64}
+    # (label, model, continuations decoded at once, chars counted per step, decoding options)
+    cases = (("rnnlab greedy, batch 1", "book", 1, 1, {"temperature": 0.0}),
+             ("rnnlab sampled, batch 1", "book", 1, 1, sampled),
+             ("rnnlab sampled, 64 at once", "book", 64, 64, many),
+             ("rnnlab top-k 10 top-p .9, 64", "book", 64, 64, {**many, "top_k": 10, "top_p": 0.9}),
+             ("rnnlab beam search, 8 beams", "book", 8, 1, {"beam": 8}),
+             ("lstm greedy, batch 1", "lstm", 1, 1, {"temperature": 0.0}),
+             ("lstm sampled, 64 at once", "lstm", 64, 64, many))
+    for label, name, batch, counted, options in cases:
+        def run(lm=models[name], options=options):
             lm.generate("time traveller", num_preds=num_chars, **options)
-        rows[label] = {"chars_per_s": counted * num_chars / timed(run, warmup, repeats), "rows": batch}
+        rows[label] = {"chars_per_s": counted * num_chars / timed(run, warmup, repeats), "rows": batch,
+                       "model": name}
+    rates: dict = {}                                    # the peaks, measured once the decoding is timed
+    for label, name, batch, counted, _ in cases:
+        roof = generation_roofline(GENERATION_MODELS[name], V, batch, peak_seconds, rates)
+        bound = roof["chars_per_s_bound"] * counted / batch
+        rows[label].update(bound_chars_per_s=bound, roofline_fraction=rows[label]["chars_per_s"] / bound, **roof)
     base = next((r["chars_per_s"] for k, r in rows.items() if k.startswith("book")), None)
     for row in rows.values():
         row["ratio"] = row["chars_per_s"] / base if base else None
@@ -314,7 +381,8 @@ def run(configs=("book", "big", "word", "lstm"), device="cpu", repeats=3, warmup
             if result["machine"].get("torch"):
                 result["roofline"][name] = roofline(cfg, result["train"][name]["config"]["V"])
     if "generate" in sections:
-        result["generate"] = bench_generation(20 if quick else 200, warmup, repeats, data_dir)
+        result["generate"] = bench_generation(20 if quick else 200, warmup, repeats, data_dir,
+                                              0.02 if quick else 0.2)
     if "data" in sections:
         result["data"] = bench_data(0.5 if quick else 20, data_dir)
     return result
@@ -331,11 +399,13 @@ def format_report(r: dict) -> str:
         against = "vs book" if t.get("ratios_to", "book (baseline)").startswith("book") else "vs autograd"
         lines += ["", f"training, {name}:{model} B={c['B']} T={c['T']} V={c['V']} H={c['H']} ({c['token']}), "
                       f"{c['device']}, {c['dtype']}",
-                  f"  {'path':<22} {'tokens/s':>12} {against:>11} {'first call':>11}"]
+                  f"  {'path':<22} {'tokens/s':>12} {against:>11} {'first call':>11} {'of f32 roofline':>16}"]
+        roof = r["roofline"].get(name)
         for path, row in t["paths"].items():
             ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
-            lines.append(f"  {path:<22} {row['tokens_per_s']:>12,.0f} {ratio:>11} {row['first_call_s']:>10.2f}s")
-        roof = r["roofline"].get(name)
+            share = f"{row['tokens_per_s'] / roof['tokens_per_s_bound']:.0%}" if roof else "-"
+            lines.append(f"  {path:<22} {row['tokens_per_s']:>12,.0f} {ratio:>11} {row['first_call_s']:>10.2f}s "
+                         f"{share:>16}")
         if roof:
             wide = (f" and {roof['wide_matmul_gflops']:.0f} (TB x H @ H x GH)" if "wide_matmul_gflops" in roof
                     else "")
@@ -343,10 +413,18 @@ def format_report(r: dict) -> str:
                          f"{wide}, {roof['flops_per_token'] / 1e6:.2f} MFLOP per token: "
                          f"{roof['tokens_per_s_bound']:,.0f} tokens/s")
     if "generate" in r:
-        lines += ["", "generation (book config, chars/s over all rows)"]
+        lines += ["", "generation, numpy: book config (V=28, H=512) and lstm (2 layers, H=384, E=64), chars/s over "
+                      "all rows;", "  roofline: the step's float32 matmuls at the peak measured at their shapes"]
+        lines.append(f"  {'path':<36} {'chars/s':>12} {'vs book':>8} {'roofline':>12} {'of it':>6}")
+        peaks = {}
         for path, row in r["generate"].items():
-            ratio = f"{row['ratio']:.1f}x" if row["ratio"] else "-"
-            lines.append(f"  {path:<36} {row['chars_per_s']:>12,.0f} {ratio:>8}")
+            ratio = f"{row['ratio']:.1f}x" if row.get("ratio") else "-"
+            roof = (f"{row['bound_chars_per_s']:>12,.0f} {row['roofline_fraction']:>6.0%}"
+                    if "bound_chars_per_s" in row else f"{'-':>12} {'-':>6}")
+            lines.append(f"  {path:<36} {row['chars_per_s']:>12,.0f} {ratio:>8} {roof}")
+            peaks.update(row.get("matmul_gflops", {}))
+        if peaks:
+            lines.append("  matmul peaks (GFLOP/s): " + ", ".join(f"{shape} {g:.0f}" for shape, g in peaks.items()))
     if "data" in r:
         lines += ["", "data encoding (d2l preprocessing + vocabulary + encoding)"]
         for path, row in r["data"].items():

@@ -18,6 +18,11 @@ likely texts, reordering the hidden states by parent beam at every step.
 a stop text is cut off even when it straddles tokens, because a tail that could begin one is held back until
 it is certain. Scores are float64 and shifted by their maximum, so any T > 0 is safe. A model whose scores stop
 being finite is an error, not a text.
+
+`continuations` makes the same texts whole, for callers that want them at the end (`LM.generate`): without
+stop texts the tokens of every step go into one array, and one greedy continuation goes through `greedy`,
+which lets a step callback with a `greedy(feed, state, n, never) -> (tokens, logits or None, state)` method
+(the numpy backend's decoder) choose a chunk of tokens in its own loop, with the same result.
 """
 from __future__ import annotations
 
@@ -38,17 +43,38 @@ class Piece(NamedTuple):
 
 # --- choosing the next token ----------------------------------------------------------------------------------
 
+NON_FINITE = ("the model produced non-finite scores (NaN or infinity): its weights have diverged; retrain it "
+              "with a smaller --lr or with clipping (--clip)")
+
+
 def _scores(logits, never=()) -> np.ndarray:
     """(B, V) logits as float64 with the tokens in `never` at -inf; an error when they are not finite."""
     z = np.array(logits, dtype=np.float64)
     if not np.isfinite(z.sum()):                       # one reduction: a NaN or infinity anywhere shows
-        raise RnnlabError("the model produced non-finite scores (NaN or infinity): its weights have diverged; "
-                          "retrain it with a smaller --lr or with clipping (--clip)")
+        raise RnnlabError(NON_FINITE)
+    _mask(z.T, never)
+    return z
+
+
+def _mask(z_by_token: np.ndarray, never) -> None:
+    """Put the tokens in `never` at -inf in float64 scores given as (V, B); an error when that leaves none."""
     if len(never):
-        if len(set(never)) >= z.shape[1]:
+        if len(set(never)) >= len(z_by_token):
             raise RnnlabError("no token may be generated: the model's vocabulary holds only tokens never "
                               "emitted")
-        z[:, list(never)] = -np.inf
+        z_by_token[list(never)] = -np.inf
+
+
+def _scores_by_token(logits, never=()) -> np.ndarray:
+    """`_scores` as (V, B), C-contiguous. From float32 logits the float64 sum cannot overflow, so it is
+    finite exactly when every score is, in any order of summation: the copy is made transposed at once."""
+    logits = np.asarray(logits)
+    if logits.dtype != np.float32:
+        return np.ascontiguousarray(_scores(logits, never).T)
+    z = np.array(logits.T, dtype=np.float64, order="C")
+    if not np.isfinite(z.sum()):
+        raise RnnlabError(NON_FINITE)
+    _mask(z, never)
     return z
 
 
@@ -78,22 +104,34 @@ def sample(z: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     a token of probability 0 is never drawn."""
     with np.errstate(under="ignore"):                    # a far-off score becomes probability 0
         p = np.exp(z - z.max(axis=1, keepdims=True))     # in [0, 1], 1 at the best token
-    cdf = np.cumsum(p, axis=1)
-    chosen = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(axis=1)
-    last = p.shape[1] - 1 - (p[:, ::-1] > 0).argmax(axis=1)    # u rounded up to the total: the last possible
-    return np.where(chosen < p.shape[1], chosen, last)
+    return _draw(np.ascontiguousarray(p.T), uniforms)
+
+
+def _draw(p: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """`sample`'s inverse CDF over probabilities p given as (V, B), a column per row: the sums along the
+    vocabulary run down the columns, the same sums in the same order as along rows."""
+    cdf = np.cumsum(p, axis=0)
+    chosen = (cdf <= uniforms * cdf[-1]).sum(axis=0)
+    if chosen.max() < len(p):
+        return chosen
+    last = len(p) - 1 - (p[::-1] > 0).argmax(axis=0)          # u rounded up to the total: the last possible
+    return np.where(chosen < len(p), chosen, last)
 
 
 def choose(logits, temperature: float, uniforms: np.ndarray | None = None, top_k: int = 0, top_p: float = 1.0,
            never=()) -> np.ndarray:
     """(B, V) logits -> (B,) next tokens: the argmax at temperature 0, else a draw from the tempered, then
-    truncated, distribution (see the module docstring)."""
-    z = _scores(logits, never)
+    truncated, distribution (see the module docstring). Computed on the scores as (V, B), a column per row:
+    the same numbers as along rows (maxima, sums in order), with the work spread over the batch."""
     if temperature == 0:
-        return z.argmax(axis=1)
+        return _scores(logits, never).argmax(axis=1)
+    z = _scores_by_token(logits, never)
     with np.errstate(over="ignore", under="ignore"):     # a tiny T sends all but the best to -inf
-        z = (z - z.max(axis=1, keepdims=True)) / temperature
-    return sample(truncate(z, top_k, top_p), uniforms)
+        z -= z.max(axis=0)
+        z /= temperature
+        if top_k or top_p < 1:
+            z = truncate(z.T, top_k, top_p).T
+        return _draw(np.exp(z, out=z), uniforms)         # the best is at 0: the maximum `sample` subtracts
 
 
 def pick(logits, temperature: float, rng: np.random.Generator | None, never=()) -> np.ndarray:
@@ -193,6 +231,26 @@ def warm_up(step, state, prompt_ids):
     return state
 
 
+class Uniforms:
+    """The uniform draws of continuations 0..n-1, one per step each, continuation i's from its own generator
+    seeded by (seed, i): drawn a block of steps at a time, which gives the same numbers as a draw per step."""
+    BLOCK = 256
+
+    def __init__(self, seed: int, n: int, steps: int):
+        self.rngs = [np.random.default_rng([seed, i]) for i in range(n)]
+        self.size = max(1, min(steps, self.BLOCK))
+        self.used = self.size
+
+    def next(self, rows: np.ndarray) -> np.ndarray:
+        """This step's draw of each continuation in `rows`, (len(rows),)."""
+        if self.used == self.size:
+            self.block = np.stack([g.random(self.size) for g in self.rngs], axis=1)     # (steps, n)
+            self.used = 0
+        self.used += 1
+        draws = self.block[self.used - 1]
+        return draws if len(rows) == len(draws) else draws[rows]
+
+
 def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, stop: Sequence[str] = (), seed: int = 0,
            never=()) -> Iterator[Piece]:
@@ -204,14 +262,13 @@ def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, t
     """
     _check(prompt_ids, temperature)
     state = take(warm_up(step, state, prompt_ids), np.zeros(num_samples, dtype=np.int64))
-    rngs = [np.random.default_rng([seed, i]) for i in range(num_samples)]
+    draws = Uniforms(seed, num_samples, num_preds) if temperature else None
     rows = np.arange(num_samples)                      # the continuations still going, in batch order
     stoppers = [Stopper(stop) for _ in rows]
     last = np.full(num_samples, prompt_ids[-1], dtype=np.int64)
     for _ in range(num_preds):
         logits, state = step(last, state)
-        uniforms = np.array([rngs[r].random() for r in rows]) if temperature else None
-        last = choose(logits, temperature, uniforms, top_k, top_p, never)
+        last = choose(logits, temperature, draws.next(rows) if draws else None, top_k, top_p, never)
         if not stop:                                   # nothing to hold back: every token is final
             yield from map(Piece, rows.tolist(), [token_text[t] for t in last.tolist()])
             continue
@@ -228,6 +285,97 @@ def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, t
         rest = stoppers[r].flush()
         if rest:
             yield Piece(r, rest)
+
+
+def continuations(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, stop: Sequence[str] = (), seed: int = 0,
+                  never=()) -> list[str]:
+    """The continuations `stream` makes, each as one text (its pieces joined), made without the pieces where
+    no text is held back: one greedy continuation by `greedy`, continuations without stop texts as a
+    (steps, n) array of tokens joined at the end."""
+    if temperature == 0 and num_samples == 1:
+        return [greedy(step, state, prompt_ids, token_text, num_preds, stop, never)]
+    if stop:
+        parts: list[list[str]] = [[] for _ in range(num_samples)]
+        for piece in stream(step, state, prompt_ids, token_text, num_preds, temperature, top_k, top_p, num_samples,
+                            stop, seed, never):
+            parts[piece.sample].append(piece.text)
+        return ["".join(part) for part in parts]
+    _check(prompt_ids, temperature)
+    state = take(warm_up(step, state, prompt_ids), np.zeros(num_samples, dtype=np.int64))
+    draws = Uniforms(seed, num_samples, num_preds) if temperature else None
+    rows = np.arange(num_samples)
+    tokens = np.empty((num_preds, num_samples), dtype=np.int64)
+    last = np.full(num_samples, prompt_ids[-1], dtype=np.int64)
+    for i in range(num_preds):
+        logits, state = step(last, state)
+        last = choose(logits, temperature, draws.next(rows) if draws else None, top_k, top_p, never)
+        tokens[i] = last
+    return ["".join([token_text[t] for t in row]) for row in tokens.T.tolist()]
+
+
+# --- one continuation, greedy: the same text, made in chunks -------------------------------------------------
+
+FIRST_CHUNK, LAST_CHUNK = 32, 1024    # tokens per call of a greedy loop: with stop texts doubling between these
+
+
+def greedy_steps(step, feed, state, num_preds: int, never=()):
+    """What a decoder's own `greedy` loop returns, from `step` alone: feed the tokens `feed` (a prompt, or
+    the token chosen last), then choose `num_preds` tokens, each the argmax of its logits with the `never`
+    tokens left out (as `choose` picks them at temperature 0) and each fed back but the last. Returns the
+    tokens (n,), their logits (n, V) and the state."""
+    for tok in feed[:-1]:
+        _, state = step(np.array([tok]), state)
+    tok, ids, rows = feed[-1], [], []
+    for _ in range(num_preds):
+        logits, state = step(np.array([tok]), state)
+        z = np.array(logits, dtype=np.float64)[0]
+        rows.append(z.copy())
+        z[list(never)] = -np.inf
+        tok = int(z.argmax())
+        ids.append(tok)
+    return np.array(ids, dtype=np.int64), np.array(rows) if rows else np.empty((0, 0)), state
+
+
+def _check_rows(logits, never, first: bool) -> None:
+    """The checks `choose` makes of each step's logits, for the rows of a chunk: the first step's in its
+    order (non-finite scores, then a vocabulary of `never` tokens only), then every row's scores."""
+    if first:
+        _scores(logits[:1], never)
+    if not np.isfinite(np.asarray(logits, dtype=np.float64).sum(axis=1)).all():
+        raise RnnlabError(NON_FINITE)
+
+
+def greedy(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, stop: Sequence[str] = (),
+           never=()) -> str:
+    """The text `stream` makes at temperature 0 for one continuation, made in chunks of tokens by the step's
+    own `greedy` loop where it has one (`greedy_steps` otherwise). A stop text is looked for in each chunk,
+    token by token where one ends in it, and the logits are checked as `choose` checks them, up to the token
+    that completes the stop text."""
+    _check(prompt_ids, 0.0)
+    run = getattr(step, "greedy", None) or (lambda *args: greedy_steps(step, *args))
+    stopper, pieces = Stopper(stop), []
+    feed, done, chunk = np.asarray(prompt_ids), 0, FIRST_CHUNK if stop else LAST_CHUNK
+    while done < num_preds:
+        n = min(chunk, num_preds - done)
+        ids, logits, state = run(feed, state, n, never)
+        texts = [token_text[t] for t in ids.tolist()]
+        used = n
+        if not stop:
+            pieces += texts
+        elif find_stop(stopper.text + "".join(texts), stop, len(stopper.text)) < 0:
+            pieces.append(stopper.feed("".join(texts)))
+        else:                                          # a stop text ends in this chunk: where exactly
+            for used, piece in enumerate(texts, 1):
+                pieces.append(stopper.feed(piece))
+                if stopper.done:
+                    break
+        if logits is not None:                         # None: the decoder has proved them finite
+            _check_rows(logits[:used], never, first=done == 0)
+        if stopper.done:
+            break
+        done, feed, chunk = done + n, ids[-1:], min(2 * chunk, LAST_CHUNK)
+    return "".join(pieces) + stopper.flush()
 
 
 # --- beam search ------------------------------------------------------------------------------------------------

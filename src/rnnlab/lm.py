@@ -154,13 +154,19 @@ class LM:
                                    cfg.top_k, cfg.top_p, cfg.num_samples, cfg.stop, cfg.seed, self.never)
 
     def generate(self, prompt: str | Prompt, cfg: GenerateConfig | None = None, **changes) -> list[str]:
-        """`num_samples` texts, each the prompt (as the model reads it) followed by its continuation."""
+        """`num_samples` texts, each the prompt (as the model reads it) followed by its continuation: the text
+        `stream` makes (`decoding.continuations`)."""
         cfg = self.options(cfg, **changes)
         p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt)
-        parts = [[p.text] for _ in range(cfg.num_samples)]
-        for piece in self.stream(p, cfg):
-            parts[piece.sample].append(piece.text)
-        return ["".join(x) for x in parts]
+        if cfg.beam:
+            parts = [[p.text] for _ in range(cfg.num_samples)]
+            for piece in self.stream(p, cfg):
+                parts[piece.sample].append(piece.text)
+            return ["".join(x) for x in parts]
+        step, state = self.backend.decoder(), self.backend.begin_state(1)
+        texts = decoding.continuations(step, state, p.ids, self.token_text, cfg.num_preds, cfg.temperature,
+                                       cfg.top_k, cfg.top_p, cfg.num_samples, cfg.stop, cfg.seed, self.never)
+        return [p.text + text for text in texts]
 
     # --- scoring -----------------------------------------------------------------------------------------------
 

@@ -34,17 +34,25 @@ PRESETS: dict[str, dict[str, dict]] = {
         "data": {"corpus": "timemachine", "preprocess": "letters", "max_tokens": 0},
         "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.5,
                   "weight_drop": 0.2, "init": "uniform"},
-        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 26, "batch_size": 32,
-                  "num_steps": 64, "log_every": 2, "time_budget": 9.5, "torch_impl": "compile",
-                  "prefixes": ("the time traveller",)},
+        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 44, "batch_size": 32,
+                  "num_steps": 64, "log_every": 4, "time_budget": 9.5, "torch_impl": "fused",
+                  "matmul_dtype": "bfloat16", "prefixes": ("the time traveller",)},
+    },
+    "waroftheworlds": {
+        "data": {"corpus": "war_of_the_worlds", "preprocess": "letters", "max_tokens": 0},
+        "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.5,
+                  "weight_drop": 0.2, "init": "uniform"},
+        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 20, "batch_size": 32,
+                  "num_steps": 64, "log_every": 4, "time_budget": 9.5, "torch_impl": "fused",
+                  "matmul_dtype": "bfloat16", "prefixes": ("the martians",)},
     },
     "shakespeare": {
         "data": {"corpus": "tinyshakespeare", "preprocess": "raw", "max_tokens": 0},
-        "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 256, "dropout": 0.2,
+        "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.25,
                   "init": "uniform"},
         "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 13, "batch_size": 64,
-                  "num_steps": 64, "log_every": 4, "time_budget": 13.0, "torch_impl": "compile",
-                  "prefixes": ("ROMEO:",)},
+                  "num_steps": 64, "log_every": 4, "time_budget": 14.5, "torch_impl": "fused",
+                  "matmul_dtype": "bfloat16", "prefixes": ("ROMEO:",)},
     },
     "text": {        # a user's own text: keep every character, train on all of it, prompts from the text
         "data": {"preprocess": "unicode", "max_tokens": 0},
@@ -55,6 +63,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 BOOK_CORPUS = "timemachine"     # the corpus of the book's run, and of every preset that names none
+TORCH_ONLY = {"torch_impl", "matmul_dtype"}     # a preset's choices of torch path, dropped for another backend
 
 
 def apply(name: str, data: dict, model: dict, train: dict) -> tuple[dict, dict, dict]:
@@ -84,7 +93,8 @@ def resolve(preset: str | None, data: dict, model: dict, train: dict) -> tuple[d
     book's (a file, or another named corpus) gets the `text` preset, so a user's novel is not trained as the
     book's 10,000 lower-cased letters; no corpus, or the book's, is the book's run, unchanged. Either way, a
     preset's prompts are for its own corpus: on another, and unless prefixes were given, they become () (the
-    run takes its prompts from the text).
+    run takes its prompts from the text). Its torch path (`torch_impl`, `matmul_dtype`) is for torch: with
+    `--backend numpy` or `jax`, and unless given, those take their defaults.
     """
     note = None
     if preset is None and data.get("corpus", BOOK_CORPUS) != BOOK_CORPUS:
@@ -92,7 +102,11 @@ def resolve(preset: str | None, data: dict, model: dict, train: dict) -> tuple[d
     if preset is None:
         return dict(data), dict(model), dict(train), None
     prefixes_given = "prefixes" in train
+    given = set(train)
     data, model, train = apply(preset, data, model, train)
+    if train.get("backend") in ("numpy", "jax"):         # a preset's torch path is for torch only
+        for key in TORCH_ONLY - given:
+            train.pop(key, None)
     made_for = PRESETS[preset]["data"].get("corpus", BOOK_CORPUS)
     if data.get("corpus", BOOK_CORPUS) != made_for and not prefixes_given:
         train["prefixes"] = ()
