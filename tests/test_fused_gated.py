@@ -93,7 +93,25 @@ def test_weight_drop_is_an_argument_that_never_touches_the_weights(arch):
     assert_weight_drop_is_an_argument(TorchGatedBackend(params), params, 7, 3, 4)
 
 
-@pytest.mark.parametrize("arch", ["gru", "lstm-2layer-embed", "lstm-3layer"])
+@pytest.mark.parametrize("arch", ["rnn-2layer-embed", "gru", "gru-2layer-embed", "lstm-2layer-embed"])
+def test_bf16_forward_is_autocasts(arch):
+    """The fused path's bf16 matmuls round as torch.autocast's do: the same loss and state to float32
+    precision, gradients within bf16's rounding of their products (a tanh RNN stack at this scale drifts
+    9% from float32 in bf16 either way, so autocast, not float32, is the reference for it)."""
+    V, H, B, T = 28, 64, 8, 12
+    params = random_params(V, H, np.float32, scale=0.2, **ARCHS[arch])
+    auto = make_backend("torch", params, torch_impl="autograd", matmul_dtype="bfloat16")
+    fused = make_backend("torch", params, torch_impl="fused", matmul_dtype="bfloat16")
+    X, Y = random_batch(V, B, T)
+    state = torch.tensor(random_state(auto.arch.num_state_slices, B, H, np.float32))
+    l1, g1, s1 = auto.loss_and_grads(X, Y, state)
+    l2, g2, s2 = fused.loss_and_grads(X, Y, state)
+    assert l1 == pytest.approx(l2, rel=1e-6) and rel_err(as_np(s1), as_np(s2)) < 1e-6
+    for name in params:
+        assert rel_err(as_np(g1[name]), as_np(g2[name])) < 2e-2, name
+
+
+@pytest.mark.parametrize("arch", ["gru", "gru-2layer-embed", "lstm-2layer-embed", "lstm-3layer"])
 def test_bf16_matmuls_stay_close_to_float32(arch):
     """bf16 operands with float32 master weights, states and sums: close to float32, not equal."""
     V, H = 28, 64
@@ -103,6 +121,30 @@ def test_bf16_matmuls_stay_close_to_float32(arch):
     assert type(low) is TorchGatedBackend and low.low_precision
     assert_bf16_close(exact, low, params, V)
     assert_bf16_scoring(exact, low, np.random.default_rng(5).integers(0, V, 200))
+
+
+@pytest.mark.parametrize("arch", ["gru-2layer-embed", "lstm-2layer-embed"])
+def test_bf16_with_dropout_and_weight_drop_stays_close_and_shapes_can_change(arch):
+    """bf16 with both kinds of masks, then a scoring call of another shape between two training steps: the
+    bf16 shadow buffers follow the shapes, and every result stays close to float32's."""
+    V, H, B, T = 28, 64, 8, 12
+    params = random_params(V, H, np.float32, scale=0.2, **ARCHS[arch])
+    exact, low = TorchGatedBackend(params), TorchGatedBackend(params, matmul_dtype=torch.bfloat16)
+    a = exact.arch
+    masks = network.dropout_masks(np.random.default_rng(4), 0.3, a.num_layers, B, T, H, np.float32)
+    weight_masks = network.weight_drop_masks(np.random.default_rng(5), 0.3, a, np.float32)
+    X, Y = random_batch(V, B, T)
+    state = torch.tensor(random_state(a.num_state_slices, B, H, np.float32, scale=0.3))
+    for _ in range(2):
+        l1, g1, s1 = exact.loss_and_grads(X, Y, state, masks, weight_masks)
+        l2, g2, s2 = low.loss_and_grads(X, Y, state, masks, weight_masks)
+        assert l1 != l2 and l1 == pytest.approx(l2, rel=5e-3) and rel_err(as_np(s1), as_np(s2)) < 3e-2
+        for name in params:
+            assert rel_err(as_np(g1[name]), as_np(g2[name])) < 5e-2, name
+        Xs, Ys = random_batch(V, 1, 33, seed=9)
+        n1, _ = exact.token_nll(Xs, Ys, exact.begin_state(1))
+        n2, _ = low.token_nll(Xs, Ys, low.begin_state(1))
+        assert n1.shape == n2.shape == (33,) and rel_err(n1, n2) < 3e-2
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm-2layer-embed"])

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from rnnlab import corpora, owntext, presets, text
+from rnnlab import backends, corpora, owntext, presets, text
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig, validate_sizes
 from rnnlab.errors import RnnlabError
 
@@ -236,8 +236,12 @@ def test_every_corpus_preset_builds_a_valid_run_on_its_own_corpus_and_can_write_
         assert normalised and set(normalised) <= set(tokens), (name, prompt)
 
 
-def test_a_presets_torch_path_gives_way_to_another_backend():
+def test_a_presets_torch_path_gives_way_to_another_backend(monkeypatch):
+    pytest.importorskip("torch")
     assert presets.resolve("timemachine", {}, {}, {})[2]["matmul_dtype"] == "bfloat16"
+    with monkeypatch.context() as m:                  # auto on a machine without torch: numpy
+        m.setattr(backends, "torch_available", lambda: False)
+        assert "matmul_dtype" not in presets.resolve("shakespeare", {}, {}, {})[2]
     for backend in ("numpy", "jax"):
         train = presets.resolve("timemachine", {}, {}, {"backend": backend})[2]
         assert "matmul_dtype" not in train and "torch_impl" not in train and train["num_epochs"] == 44

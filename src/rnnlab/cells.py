@@ -83,7 +83,7 @@ class Arch:
 
     @property
     def is_book_rnn(self) -> bool:
-        """The §8.5 model: one RNN layer on one-hot input (the fused fast paths handle only this one)."""
+        """The §8.5 model: one RNN layer on one-hot input (the book RNN's own fused path runs it)."""
         return self.cell == "rnn" and self.num_layers == 1 and not self.embed_size and self.variant == "book"
 
 

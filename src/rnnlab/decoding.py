@@ -99,17 +99,10 @@ def truncate(z: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     return out
 
 
-def sample(z: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """(B, V) scores -> (B,) tokens drawn from softmax(z) by inverse CDF with one uniform in [0, 1) per row;
-    a token of probability 0 is never drawn."""
-    with np.errstate(under="ignore"):                    # a far-off score becomes probability 0
-        p = np.exp(z - z.max(axis=1, keepdims=True))     # in [0, 1], 1 at the best token
-    return _draw(np.ascontiguousarray(p.T), uniforms)
-
-
 def _draw(p: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """`sample`'s inverse CDF over probabilities p given as (V, B), a column per row: the sums along the
-    vocabulary run down the columns, the same sums in the same order as along rows."""
+    """(B,) tokens drawn by inverse CDF, one uniform in [0, 1) per row, from probabilities p given as (V, B),
+    a column per row (each scaled so its best token is 1): the sums along the vocabulary run down the
+    columns. A token of probability 0 is never drawn."""
     cdf = np.cumsum(p, axis=0)
     chosen = (cdf <= uniforms * cdf[-1]).sum(axis=0)
     if chosen.max() < len(p):

@@ -12,6 +12,7 @@ reproduce them.
 """
 from __future__ import annotations
 
+from . import backends
 from .errors import RnnlabError
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -35,7 +36,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.5,
                   "weight_drop": 0.2, "init": "uniform"},
         "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 44, "batch_size": 32,
-                  "num_steps": 64, "log_every": 4, "time_budget": 9.5, "torch_impl": "fused",
+                  "num_steps": 64, "log_every": 4, "time_budget": 9.5,
                   "matmul_dtype": "bfloat16", "prefixes": ("the time traveller",)},
     },
     "waroftheworlds": {
@@ -43,15 +44,15 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.5,
                   "weight_drop": 0.2, "init": "uniform"},
         "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 20, "batch_size": 32,
-                  "num_steps": 64, "log_every": 4, "time_budget": 9.5, "torch_impl": "fused",
+                  "num_steps": 64, "log_every": 4, "time_budget": 9.5,
                   "matmul_dtype": "bfloat16", "prefixes": ("the martians",)},
     },
     "shakespeare": {
         "data": {"corpus": "tinyshakespeare", "preprocess": "raw", "max_tokens": 0},
         "model": {"cell": "lstm", "num_layers": 2, "embed_size": 64, "num_hiddens": 384, "dropout": 0.25,
                   "init": "uniform"},
-        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 13, "batch_size": 64,
-                  "num_steps": 64, "log_every": 4, "time_budget": 14.5, "torch_impl": "fused",
+        "train": {"optimizer": "adam", "lr": 0.003, "schedule": "cosine", "num_epochs": 15, "batch_size": 64,
+                  "num_steps": 64, "log_every": 4, "time_budget": 14.5,
                   "matmul_dtype": "bfloat16", "prefixes": ("ROMEO:",)},
     },
     "text": {        # a user's own text: keep every character, train on all of it, prompts from the text
@@ -63,7 +64,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 BOOK_CORPUS = "timemachine"     # the corpus of the book's run, and of every preset that names none
-TORCH_ONLY = {"torch_impl", "matmul_dtype"}     # a preset's choices of torch path, dropped for another backend
+TORCH_ONLY = {"torch_impl", "matmul_dtype"}     # a preset's choices of torch path, dropped without torch
 
 
 def apply(name: str, data: dict, model: dict, train: dict) -> tuple[dict, dict, dict]:
@@ -93,8 +94,9 @@ def resolve(preset: str | None, data: dict, model: dict, train: dict) -> tuple[d
     book's (a file, or another named corpus) gets the `text` preset, so a user's novel is not trained as the
     book's 10,000 lower-cased letters; no corpus, or the book's, is the book's run, unchanged. Either way, a
     preset's prompts are for its own corpus: on another, and unless prefixes were given, they become () (the
-    run takes its prompts from the text). Its torch path (`torch_impl`, `matmul_dtype`) is for torch: with
-    `--backend numpy` or `jax`, and unless given, those take their defaults.
+    run takes its prompts from the text). Its torch path (`torch_impl`, `matmul_dtype`) is for torch: on
+    another backend (`--backend numpy` or `jax`, or `auto` where torch is not installed), and unless given,
+    those take their defaults.
     """
     note = None
     if preset is None and data.get("corpus", BOOK_CORPUS) != BOOK_CORPUS:
@@ -104,7 +106,7 @@ def resolve(preset: str | None, data: dict, model: dict, train: dict) -> tuple[d
     prefixes_given = "prefixes" in train
     given = set(train)
     data, model, train = apply(preset, data, model, train)
-    if train.get("backend") in ("numpy", "jax"):         # a preset's torch path is for torch only
+    if backends.resolve(train.get("backend", "auto")) != "torch":      # a preset's torch path is for torch
         for key in TORCH_ONLY - given:
             train.pop(key, None)
     made_for = PRESETS[preset]["data"].get("corpus", BOOK_CORPUS)

@@ -211,7 +211,7 @@ def masked_params(params: dict, weight_masks: dict | None, convert=lambda m, p: 
     return {name: p * convert(weight_masks[name], p) if name in weight_masks else p for name, p in params.items()}
 
 
-def torch_paths(params: dict, onehot_input: bool = False, dropout: float = 0.0) -> tuple[str, ...]:
+def torch_paths(params: dict, onehot_input: bool = False) -> tuple[str, ...]:
     """The torch paths that can run the network of `params`, fastest first on the CPU: the fused
     hand-written BPTT runs the book variant of every cell, depth and input except the literal one-hot matmul;
     nn (torch.nn's layers) runs the nn cell variant only; autograd runs everything; compile runs what autograd
@@ -235,9 +235,10 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
     """Build a backend holding `params` (numpy arrays, copied). Its `name` is the exact path that runs:
     numpy, jax, torch-fused, torch-nn, torch-autograd or torch-compile.
 
-    On torch, `torch_impl` picks the path: auto = the fused hand-written BPTT for the book's model (the
-    fastest exact path), torch.nn's layers for the nn cell variant and autograd for every other network;
-    fused, nn, autograd or compile by name, which is an error for a network the path cannot run.
+    On torch, `torch_impl` picks the path: auto = the fused hand-written BPTT (the fastest exact path) for
+    every network of the book's cells (`torch_fused` for the §8.5 model without dropout, `torch_gated` for
+    the rest), torch.nn's layers for the nn cell variant, autograd for the literal one-hot matmul; fused, nn,
+    autograd or compile by name, which is an error for a network the path cannot run.
     `matmul_dtype="bfloat16"` trains with bf16 matmul operands and float32 master weights: hand-written in the
     fused path, by torch.autocast in the others.
     """
@@ -256,7 +257,7 @@ def make_backend(name: str, params: dict, activation: str = "tanh", device: str 
         return NumpyBackend(params, activation, onehot_input)
     if torch_impl not in TORCH_IMPLS:
         raise RnnlabError(f"unknown --torch-impl {torch_impl!r}; choose from {', '.join(TORCH_IMPLS)}")
-    can = torch_paths(params, onehot_input, dropout)
+    can = torch_paths(params, onehot_input)
     if torch_impl == "auto":
         torch_impl = can[0]
     elif torch_impl not in can:

@@ -77,8 +77,10 @@ class NumpyBackend:
 
     def update(self, fn) -> None:
         """Apply an update: the parameters become fn(parameters) (an optimizer step, a dynamic-evaluation
-        step); callers never change the backend's arrays themselves."""
+        step); callers never change the backend's arrays themselves. The decoders' prepared weights are
+        for the old parameters: dropped, so they keep no copy alive."""
         self.params = dict(fn(self.params))
+        self._weights = None
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.params.items()}

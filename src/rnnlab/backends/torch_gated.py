@@ -14,8 +14,8 @@ the book RNN's fused path (`torch_fused`) arranges them, layer by layer:
   - the weight gradients, the gradient to the layer below and the output layer are single matmuls over all
     T*B rows.
 Dropout masks (between layers, before the output layer) and weight-drop masks (on W_h*) are the reference's.
-With `matmul_dtype=torch.bfloat16` every matmul takes bf16 operands while weights, states, gradients and all
-sums outside matmuls stay float32 (the master copy).
+With `matmul_dtype=torch.bfloat16` every matmul takes bf16 operands and gives a bf16-rounded product, as
+torch.autocast's do; weights, states, gradients and every sum outside a matmul are float32 (the master copy).
 
 Inside the LSTM the gates are laid out (o, i, f, c) rather than the parameters' (i, f, o, c): the three
 sigmoid gates are then adjacent, and so are the three that the cell-state gradient scales (i, f, c), so each
@@ -86,7 +86,8 @@ class TorchGatedBackend(TorchFusedBackend):
         return out.copy_(a.to(self.matmul_dtype) @ W_low)
 
     def _acc(self, out: torch.Tensor, a: torch.Tensor, W_low: torch.Tensor) -> torch.Tensor:
-        """out += a @ W in place, with `a` cast to the matmul dtype (W_low already is) and a float32 sum."""
+        """out += a @ W in place, with `a` cast to the matmul dtype (W_low already is): in bf16 the product
+        is rounded to bf16, then added to the float32 `out`."""
         if not self.low_precision:
             return out.addmm_(a, W_low)
         out += (a.to(self.matmul_dtype) @ W_low).to(self.dtype)
@@ -120,7 +121,7 @@ class TorchGatedBackend(TorchFusedBackend):
         return inputs, torch.stack(finals), caches
 
     def _rnn_forward(self, layer, G, W_h, H0, C0):
-        """H_t = phi(XW_t + H_{t-1} W_h), in place in G: the states are G itself, after H0."""
+        """H_t = phi(XW_t + H_{t-1} W_h): the pre-activations in place in G, the states into Hs after H0."""
         T, B, H = G.shape
         Hs = self._buffer(f"H{layer}", (T + 1, B, H))
         Hs[0] = H0
@@ -285,7 +286,7 @@ class TorchGatedBackend(TorchFusedBackend):
             grads["W_emb"] = torch.zeros_like(p["W_emb"]).index_add_(0, Xt, d_out.reshape(T * B, -1))
         for name, m in (weight_masks or {}).items():
             grads[name] *= torch.as_tensor(m, dtype=grads[name].dtype, device=grads[name].device)
-        return float(loss), {k: grads[k] for k in p}, new_state.clone()
+        return float(loss), {k: grads[k] for k in p}, new_state
 
     def _recurrent_grad(self, c: dict, dA_flat: torch.Tensor) -> torch.Tensor:
         """dW_h (H, G*H) as matmuls over all T*B rows: H_{t-1}^T dA, except the GRU candidate's columns,
