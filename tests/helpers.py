@@ -72,6 +72,20 @@ def assert_dynamic_evaluation_agrees(ref, fast, tokens):
         np.testing.assert_allclose(v, ref.params[k], rtol=1e-9, atol=1e-12)
 
 
+def assert_masked_grads_agree(ref, fast, V, B, T, tol=1e-10):
+    """The loss and every gradient of a minibatch with dropout masks (p = 0.3), from the initial state,
+    agree between the reference and `fast` (float64)."""
+    params = ref.params
+    X, Y = random_batch(V, B, T)
+    masks = network.dropout_masks(np.random.default_rng(4), 0.3, ref.arch.num_layers, B, T,
+                                  ref.arch.num_hiddens, np.float64)
+    l1, g1, _ = ref.loss_and_grads(X, Y, ref.begin_state(B), masks)
+    l2, g2, _ = fast.loss_and_grads(X, Y, fast.begin_state(B), masks)
+    assert l1 == pytest.approx(l2, rel=tol)
+    for name in params:
+        assert rel_err(g1[name], as_np(g2[name])) < tol, name
+
+
 def assert_bf16_close(exact, low, params, V=28, B=8, T=12):
     """A bf16-matmul backend against the same model in float32: close to it, not equal; the loss, the
     state, every gradient and the master weights stay float32."""

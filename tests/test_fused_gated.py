@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from helpers import (ARCHS, as_np, assert_bf16_close, assert_bf16_scoring, assert_dynamic_evaluation_agrees,
-                     assert_weight_drop_is_an_argument, random_batch, random_params, random_state, rel_err)
+                     assert_masked_grads_agree, assert_weight_drop_is_an_argument, random_batch, random_params,
+                     random_state, rel_err)
 from rnnlab import decoding, evaluate, network
 from rnnlab.backends import make_backend, torch_paths
 from rnnlab.backends.numpy_backend import NumpyBackend
@@ -58,14 +59,7 @@ def test_loss_grads_state_and_scores_agree_with_dropout_and_weight_drop(arch, dt
 @pytest.mark.parametrize("arch", ["rnn-2layer-embed", "book-rnn"])
 def test_relu_stacks_agree(arch):
     params, V, H, B, T = _case(arch, np.float64)
-    ref, fast = NumpyBackend(params, "relu"), TorchGatedBackend(params, "relu")
-    X, Y = random_batch(V, B, T)
-    masks = network.dropout_masks(np.random.default_rng(4), 0.3, ref.arch.num_layers, B, T, H, np.float64)
-    l1, g1, _ = ref.loss_and_grads(X, Y, ref.begin_state(B), masks)
-    l2, g2, _ = fast.loss_and_grads(X, Y, fast.begin_state(B), masks)
-    assert l1 == pytest.approx(l2, rel=1e-10)
-    for name in params:
-        assert rel_err(g1[name], as_np(g2[name])) < 1e-10, name
+    assert_masked_grads_agree(NumpyBackend(params, "relu"), TorchGatedBackend(params, "relu"), V, B, T)
 
 
 @pytest.mark.parametrize("arch, sampling", [("lstm-2layer-embed", "sequential"), ("gru", "random"),

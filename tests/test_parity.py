@@ -6,8 +6,8 @@ Runs on CUDA too when it is present.
 import numpy as np
 import pytest
 
-from helpers import (ARCHS, as_np, assert_bf16_close, assert_bf16_scoring, assert_weight_drop_is_an_argument,
-                     random_batch, random_params, random_state, rel_err)
+from helpers import (ARCHS, as_np, assert_bf16_close, assert_bf16_scoring, assert_masked_grads_agree,
+                     assert_weight_drop_is_an_argument, random_batch, random_params, random_state, rel_err)
 from rnnlab import cells, evaluate, decoding, network, optim
 from rnnlab.backends import make_backend
 from rnnlab.errors import RnnlabError
@@ -222,14 +222,7 @@ def test_deep_and_gated_networks_agree_with_dropout(arch, dtype, device):
 def test_compiled_deep_networks_agree(arch):
     V, H, B, T = 9, 6, 3, 5
     params = random_params(V, H, np.float64, scale=0.4, **ARCHS[arch])
-    ref, fast = NumpyBackend(params), TorchCompiledBackend(params)
-    X, Y = random_batch(V, B, T)
-    masks = network.dropout_masks(np.random.default_rng(4), 0.3, ref.arch.num_layers, B, T, H, np.float64)
-    l1, g1, _ = ref.loss_and_grads(X, Y, ref.begin_state(B), masks)
-    l2, g2, _ = fast.loss_and_grads(X, Y, fast.begin_state(B), masks)
-    assert l1 == pytest.approx(l2, rel=1e-10)
-    for name in params:
-        assert rel_err(g1[name], as_np(g2[name])) < 1e-10, name
+    assert_masked_grads_agree(NumpyBackend(params), TorchCompiledBackend(params), V, B, T)
 
 
 def test_auto_and_named_paths_for_deep_and_one_hot_networks():
