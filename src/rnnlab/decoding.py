@@ -244,6 +244,27 @@ class Uniforms:
         return draws if len(rows) == len(draws) else draws[rows]
 
 
+def _choices(step, state, prompt_ids, num_preds: int, temperature: float, top_k: int, top_p: float,
+             num_samples: int, seed: int, never, going=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The tokens of `num_samples` continuations decoded as one batch: yields (rows, tokens) at each step,
+    the continuations still going (in batch order) and the token each chose. After each yield, `going(rows,
+    tokens)`, when given, says which rows go on (a bool mask); the others leave the batch."""
+    _check(prompt_ids, temperature)
+    state = take(warm_up(step, state, prompt_ids), np.zeros(num_samples, dtype=np.int64))
+    draws = Uniforms(seed, num_samples, num_preds) if temperature else None
+    rows = np.arange(num_samples)
+    last = np.full(num_samples, prompt_ids[-1], dtype=np.int64)
+    for _ in range(num_preds):
+        logits, state = step(last, state)
+        last = choose(logits, temperature, draws.next(rows) if draws else None, top_k, top_p, never)
+        yield rows, last
+        keep = going(rows, last) if going else None
+        if keep is not None and not keep.all():
+            rows, last, state = rows[keep], last[keep], take(state, np.flatnonzero(keep))
+            if not len(rows):
+                return
+
+
 def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, stop: Sequence[str] = (), seed: int = 0,
            never=()) -> Iterator[Piece]:
@@ -253,29 +274,20 @@ def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, t
     `token_text[i]` is the text of token i as it continues a text (a character, or " word"). A continuation
     ends after `num_preds` tokens or before the first stop text; finished rows leave the batch.
     """
-    _check(prompt_ids, temperature)
-    state = take(warm_up(step, state, prompt_ids), np.zeros(num_samples, dtype=np.int64))
-    draws = Uniforms(seed, num_samples, num_preds) if temperature else None
-    rows = np.arange(num_samples)                      # the continuations still going, in batch order
-    stoppers = [Stopper(stop) for _ in rows]
-    last = np.full(num_samples, prompt_ids[-1], dtype=np.int64)
-    for _ in range(num_preds):
-        logits, state = step(last, state)
-        last = choose(logits, temperature, draws.next(rows) if draws else None, top_k, top_p, never)
+    stoppers = [Stopper(stop) for _ in range(num_samples)]
+    going = (lambda rows, _: np.array([not stoppers[r].done for r in rows])) if stop else None
+    for rows, last in _choices(step, state, prompt_ids, num_preds, temperature, top_k, top_p, num_samples, seed,
+                               never, going):
+        texts = [token_text[t] for t in last.tolist()]
         if not stop:                                   # nothing to hold back: every token is final
-            yield from map(Piece, rows.tolist(), [token_text[t] for t in last.tolist()])
+            yield from map(Piece, rows.tolist(), texts)
             continue
-        for r, tok in zip(rows.tolist(), last.tolist()):
-            piece = stoppers[r].feed(token_text[tok])
+        for r, text in zip(rows.tolist(), texts):
+            piece = stoppers[r].feed(text)
             if piece:
                 yield Piece(r, piece)
-        going = np.array([not stoppers[r].done for r in rows])
-        if not going.all():
-            rows, last, state = rows[going], last[going], take(state, np.flatnonzero(going))
-            if not len(rows):
-                return
-    for r in rows.tolist():
-        rest = stoppers[r].flush()
+    for r, stopper in enumerate(stoppers):
+        rest = stopper.flush()
         if rest:
             yield Piece(r, rest)
 
@@ -294,16 +306,9 @@ def continuations(step, state, prompt_ids, token_text: Sequence[str], num_preds:
                             stop, seed, never):
             parts[piece.sample].append(piece.text)
         return ["".join(part) for part in parts]
-    _check(prompt_ids, temperature)
-    state = take(warm_up(step, state, prompt_ids), np.zeros(num_samples, dtype=np.int64))
-    draws = Uniforms(seed, num_samples, num_preds) if temperature else None
-    rows = np.arange(num_samples)
-    tokens = np.empty((num_preds, num_samples), dtype=np.int64)
-    last = np.full(num_samples, prompt_ids[-1], dtype=np.int64)
-    for i in range(num_preds):
-        logits, state = step(last, state)
-        last = choose(logits, temperature, draws.next(rows) if draws else None, top_k, top_p, never)
-        tokens[i] = last
+    steps = [last for _, last in _choices(step, state, prompt_ids, num_preds, temperature, top_k, top_p,
+                                          num_samples, seed, never)]
+    tokens = np.array(steps, dtype=np.int64).reshape(len(steps), num_samples)          # (steps, n)
     return ["".join([token_text[t] for t in row]) for row in tokens.T.tolist()]
 
 
