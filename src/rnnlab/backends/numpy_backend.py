@@ -317,7 +317,7 @@ class Decoder:
         h, a = hb[:-1], np.empty(hb.shape[0] - 1, self.w.dtype)
         rec_next, raw = out[:w.K], out[w.K:]
         add, dot, ninf = np.add, np.dot, -np.inf
-        phi = np.tanh if not self.relu else (lambda x, out: np.maximum(x, 0, out=out))
+        phi = np.tanh if not self.relu else self._phi
         for tok in feed[:-1]:
             add(rows[tok], rec, out=a)
             phi(a, out=h)

@@ -50,21 +50,23 @@ class TorchGatedBackend(TorchFusedBackend):
 
     # ---- weights, in this path's gate layout ----
 
+    def _names(self, layer: int) -> list[tuple[str, str, str]]:
+        """(W_x*, W_h*, b_*) names of one layer's gates, in ORDER."""
+        by_gate = dict(zip(cells.GATES[self.arch.cell], cells.layer_names(self.arch.cell, layer)))
+        return [by_gate[g] for g in ORDER[self.arch.cell]]
+
     def _layer(self, p: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """W_x (I, G*H), W_h (H, G*H), b (G*H,) of one layer, gates in ORDER."""
-        by_gate = dict(zip(cells.GATES[self.arch.cell], cells.layer_names(self.arch.cell, layer)))
-        names = [by_gate[g] for g in ORDER[self.arch.cell]]
+        names = self._names(layer)
         return (torch.cat([p[n[0]] for n in names], 1), torch.cat([p[n[1]] for n in names], 1),
                 torch.cat([p[n[2]] for n in names]))
 
     def _split(self, layer: int, dW_x, dW_h, db) -> dict:
         """Gradients of one layer in ORDER's layout -> per-gate parameter names."""
         H = self.arch.num_hiddens
-        by_gate = dict(zip(cells.GATES[self.arch.cell], cells.layer_names(self.arch.cell, layer)))
         out = {}
-        for k, g in enumerate(ORDER[self.arch.cell]):
+        for k, names in enumerate(self._names(layer)):
             cols = slice(k * H, (k + 1) * H)
-            names = by_gate[g]
             out.update({names[0]: dW_x[:, cols].contiguous(), names[1]: dW_h[:, cols].contiguous(),
                         names[2]: db[cols].contiguous()})
         return out
