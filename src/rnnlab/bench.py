@@ -214,25 +214,31 @@ def generation_matmuls(cfg: BenchConfig, vocab_size: int) -> list[tuple[int, int
     return [(H, G * H, 2 * cfg.num_layers - 1), (H, vocab_size, 1)]
 
 
-def numpy_matmul_rate(B: int, K: int, N: int, seconds: float = 0.2) -> float:
-    """Measured FLOP/s of a float32 (B, K) @ (K, N) product with numpy (what the numpy decoder runs), into a
-    preallocated result: the median over batches of calls."""
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((B, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
-    out, calls = np.empty((B, N), np.float32), max(1, int(2e6 // (B * K * N)))
+def flop_rate(fn, flops: float, seconds: float, calls: int) -> float:
+    """Measured FLOP/s of `fn()`, which does `flops` floating-point operations: `calls` calls to warm up, then
+    the median over batches of `calls` calls for about `seconds` (one batch at least)."""
     for _ in range(calls):
-        np.dot(a, b, out=out)
+        fn()
     rates, deadline = [], time.perf_counter() + seconds
     while time.perf_counter() < deadline or not rates:
         start = time.perf_counter()
         for _ in range(calls):
-            np.dot(a, b, out=out)
-        rates.append(calls * 2 * B * K * N / (time.perf_counter() - start))
+            fn()
+        rates.append(calls * flops / (time.perf_counter() - start))
     return float(np.median(rates))
 
 
+def numpy_matmul_rate(B: int, K: int, N: int, seconds: float = 0.2) -> float:
+    """Measured FLOP/s of a float32 (B, K) @ (K, N) product with numpy (what the numpy decoder runs), into a
+    preallocated result."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((B, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+    out = np.empty((B, N), np.float32)
+    return flop_rate(lambda: np.dot(a, b, out=out), 2 * B * K * N, seconds, max(1, int(2e6 // (B * K * N))))
+
+
 def generation_roofline(cfg: BenchConfig, vocab_size: int, B: int, seconds: float = 0.2, rates=None) -> dict:
-    """The float32 bound on chars/s of decoding B continuations at once: a step's matmuls
+    """The float32 bound on decoding steps/s for B continuations at once: a step's matmuls
     (`generation_matmuls`), each at the matmul rate measured at its shape, (B, K) @ (K, N): the better of
     numpy and torch (`bench_book.matmul_peak`). `rates` caches the rates by shape."""
     rates = {} if rates is None else rates
@@ -249,7 +255,7 @@ def generation_roofline(cfg: BenchConfig, vocab_size: int, B: int, seconds: floa
         step_seconds += count * 2 * B * K * N / rates[B, K, N]
         flops += count * 2 * K * N
         gflops[f"{B}x{K} @ {K}x{N}"] = rates[B, K, N] / 1e9
-    return {"flops_per_char": flops, "matmul_gflops": gflops, "chars_per_s_bound": B / step_seconds}
+    return {"flops_per_char": flops, "matmul_gflops": gflops, "steps_per_s": 1 / step_seconds}
 
 
 GENERATION_MODELS = {"book": CONFIGS["book"], "lstm": CONFIGS["lstm"]}
@@ -298,7 +304,7 @@ def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None, peak_sec
     rates: dict = {}                                    # the peaks, measured once the decoding is timed
     for label, name, batch, counted, _ in cases:
         roof = generation_roofline(GENERATION_MODELS[name], V, batch, peak_seconds, rates)
-        bound = roof["chars_per_s_bound"] * counted / batch
+        bound = roof.pop("steps_per_s") * counted                  # the chars counted at each step
         rows[label].update(bound_chars_per_s=bound, roofline_fraction=rows[label]["chars_per_s"] / bound, **roof)
     base = next((r["chars_per_s"] for k, r in rows.items() if k.startswith("book")), None)
     for row in rows.values():

@@ -11,8 +11,6 @@ Nothing is slowed down on purpose: this is the code as the book runs it.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -108,15 +106,7 @@ def flops_per_token(V: int, H: int, gathered: bool = True) -> float:
 def matmul_peak(B=32, H=512, dtype=torch.float32, seconds=0.5, columns: int | None = None) -> float:
     """Measured FLOP/s of a (B, H) @ (H, columns) matmul (columns: H, or G H for a cell of G gates), the shape
     of the recurrence (median of batches)."""
-    import time
+    from .bench import flop_rate
     columns = columns or H
     a, b = torch.randn(B, H).to(dtype), torch.randn(H, columns).to(dtype)
-    for _ in range(20):
-        a @ b
-    rates, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(50):
-            a @ b
-        rates.append(50 * 2 * B * H * columns / (time.perf_counter() - start))
-    return float(np.median(rates)) if rates else math.nan
+    return flop_rate(lambda: a @ b, 2 * B * H * columns, seconds, calls=50)
