@@ -63,13 +63,22 @@ def reversed_load(real_load):
 
 
 def assert_dynamic_evaluation_agrees(ref, fast, tokens):
-    """Dynamic evaluation (score a segment, then one SGD step on it) gives the same score and the same
-    adapted weights on two backends that start from the same float64 weights."""
+    """Dynamic evaluation (score a segment, then one step on it), by the SGD rule and then by the RMS rule,
+    gives the same score and the same adapted weights on two backends that start from the same float64
+    weights; so do the RMS rule's gradient statistics."""
     a = evaluate.score_stream_dynamic(ref, tokens, lr=0.5, num_steps=32, decay=0.1)
     b = evaluate.score_stream_dynamic(fast, tokens, lr=0.5, num_steps=32, decay=0.1)
     assert a["nats_per_token"] == pytest.approx(b["nats_per_token"], rel=1e-10)
     for k, v in fast.numpy_params().items():
         np.testing.assert_allclose(v, ref.params[k], rtol=1e-9, atol=1e-12)
+    ms_ref, ms_fast = (evaluate.gradient_ms(backend, tokens, 16, 40) for backend in (ref, fast))
+    for k, v in ms_ref.items():
+        np.testing.assert_allclose(as_np(ms_fast[k]), v, rtol=1e-8, atol=1e-20)
+    a = evaluate.score_stream_dynamic(ref, tokens, lr=1e-3, num_steps=32, decay=0.1, ms=ms_ref)
+    b = evaluate.score_stream_dynamic(fast, tokens, lr=1e-3, num_steps=32, decay=0.1, ms=ms_fast)
+    assert a["nats_per_token"] == pytest.approx(b["nats_per_token"], rel=1e-10)
+    for k, v in fast.numpy_params().items():
+        np.testing.assert_allclose(v, ref.params[k], rtol=1e-8, atol=1e-12)
 
 
 def assert_masked_grads_agree(ref, fast, V, B, T, tol=1e-10):

@@ -396,7 +396,7 @@ def test_eval_dynamic_leaves_the_checkpoint_alone(capsys, trained):
                          "--dynamic-lr", "0.5", "--dynamic-steps", "50")
     assert code == 0, err
     dynamic = json.loads(out)
-    assert dynamic["dynamic"] == {"lr": 0.5, "num_steps": 50, "decay": 0.0} and static["dynamic"] is None
+    assert dynamic["dynamic"] == {"lr": 0.5, "num_steps": 50, "decay": 0.0, "rule": "sgd"} and static["dynamic"] is None
     assert dynamic["tokens"] == static["tokens"]
     assert dynamic["perplexity"] != static["perplexity"]
     assert snapshot(trained.out) == trained.files              # the weights on disk never change
@@ -428,10 +428,41 @@ def test_eval_dynamic_bad_values(capsys, trained, argv):
 
 @pytest.mark.parametrize("argv, fragment", [(["--mix-ngram", "-2"], "--mix-ngram"),
                                             (["--mix-ngram", "3", "--mix-weight", "2"], "--mix-weight"),
-                                            (["--mix-ngram", "3", "--dynamic-lr", "0.1"], "one of them")])
+                                            (["--mix-ngram", "3", "--dynamic-lr", "0.1", "--mix-weight", "-1"],
+                                             "--mix-weight")])
 def test_eval_mixture_bad_values(capsys, trained, argv, fragment):
     code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", *argv)
     assert_one_line_error(code, err, fragment)
+
+
+def test_eval_mixes_the_dynamically_adapted_model(capsys, trained):
+    """--dynamic-lr with --mix-ngram: the model adapts as it reads and its predictions are mixed with the
+    n-gram's; each alone is reported beside the mixture, and the model alone is the dynamic figure."""
+    common = ["eval", "--checkpoint", trained.out, "--backend", "numpy", "--json", "--dynamic-lr", "0.1"]
+    code, out, err = run(capsys, *common)
+    assert code == 0, err
+    dynamic = json.loads(out)
+    code, out, err = run(capsys, *common, "--mix-ngram", "3")
+    assert code == 0, err
+    both = json.loads(out)
+    assert both["dynamic"] == dynamic["dynamic"] and both["mixture"]["ngram_order"] == 3
+    assert both["mixture"]["model_perplexity"] == pytest.approx(dynamic["perplexity"], rel=1e-9)
+    assert both["tokens"] == dynamic["tokens"] and both["perplexity"] != dynamic["perplexity"]
+    code, out, err = run(capsys, *common[:-3], "--dynamic-lr", "0.1", "--mix-ngram", "3")
+    assert code == 0 and out.startswith("held-out perplexity") and "of the mixture with dynamic evaluation" in out
+
+
+def test_eval_dynamic_rms_rule(capsys, trained):
+    common = ["eval", "--checkpoint", trained.out, "--backend", "numpy", "--json", "--dynamic-lr"]
+    code, out, err = run(capsys, *common, "0.001", "--dynamic-rule", "rms")
+    assert code == 0, err
+    rms = json.loads(out)
+    code, out, err = run(capsys, *common, "0.001")
+    assert code == 0, err
+    assert rms["dynamic"]["rule"] == "rms" and json.loads(out)["dynamic"]["rule"] == "sgd"
+    assert rms["perplexity"] != json.loads(out)["perplexity"] and math.isfinite(rms["perplexity"])
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--dynamic-rule", "rms")
+    assert_one_line_error(code, err, "--dynamic-lr")
 
 
 def test_eval_other_corpus(capsys, trained):

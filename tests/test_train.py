@@ -111,6 +111,55 @@ def test_dynamic_evaluation_with_full_decay_is_static_scoring():
         np.testing.assert_allclose(backend.params[k], params[k], rtol=0, atol=1e-15)
 
 
+def test_dynamic_evaluation_mixed_with_an_ngram():
+    """The dynamic stream's per-token NLL is mixed with the n-gram's probabilities of the same targets: at
+    weight 1 it is dynamic evaluation alone, at weight 0 the n-gram alone."""
+    params = random_params(5, 8, scale=0.4)
+    rng = np.random.default_rng(7)
+    tokens, kn = rng.integers(0, 5, 90), ngram.KneserNey(3, 5).fit(rng.integers(0, 5, 400))
+    alone = evaluate.score_stream_dynamic(NumpyBackend(params), tokens, lr=0.3, num_steps=16)
+    only_model = evaluate.score_stream_dynamic(NumpyBackend(params), tokens, 0.3, 16, ngram_model=kn, weight=1.0)
+    only_ngram = evaluate.score_stream_dynamic(NumpyBackend(params), tokens, 0.3, 16, ngram_model=kn, weight=0.0)
+    assert only_model["nats_per_token"] == pytest.approx(alone["nats_per_token"], rel=1e-12)
+    assert only_ngram["nats_per_token"] == pytest.approx(kn.score(tokens)["nats_per_token"], rel=1e-12)
+    assert only_model["model_perplexity"] == pytest.approx(alone["perplexity"], rel=1e-12)
+    mixed = evaluate.score_stream_dynamic(NumpyBackend(params), tokens, 0.3, 16, ngram_model=kn, weight=0.5)
+    assert mixed["nats_per_token"] < 0.5 * (alone["nats_per_token"] + only_ngram["nats_per_token"])
+    with pytest.raises(RnnlabError, match="mixture weight"):
+        evaluate.score_stream_dynamic(NumpyBackend(params), tokens, 0.3, 16, ngram_model=kn, weight=-0.5)
+
+
+def test_gradient_ms_is_the_mean_square_of_each_segments_gradient():
+    params = random_params(5, 8, scale=0.4)
+    tokens = np.random.default_rng(2).integers(0, 5, 61)
+    ms = evaluate.gradient_ms(NumpyBackend(params), tokens, num_steps=25, max_tokens=50)
+    ref, kept = NumpyBackend(params), tokens[-51:]            # the last 50 targets, in segments 25 + 25
+    _, g1, state = ref.loss_and_grads(kept[None, :25], kept[None, 1:26], ref.begin_state(1))
+    _, g2, _ = ref.loss_and_grads(kept[None, 25:50], kept[None, 26:51], state)
+    for k in params:
+        np.testing.assert_allclose(ms[k], (g1[k] ** 2 + g2[k] ** 2) / 2, rtol=1e-12)
+
+
+def test_dynamic_evaluation_rms_rule_by_hand():
+    """The RMS rule: each weight steps by lr * grad / sqrt(ms), unclipped, then is pulled back toward the
+    trained weight by decay * sqrt(ms) / mean(sqrt(ms)), at most all the way."""
+    params = random_params(5, 8, scale=0.4)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 5, 41)
+    ms = {k: rng.random(v.shape) * 0.01 + 1e-4 for k, v in params.items()}
+    lr, decay = 0.01, 0.3
+    result = evaluate.score_stream_dynamic(NumpyBackend(params), tokens, lr, 25, decay, ms=ms)
+    ref = NumpyBackend(params)
+    loss1, grads, state = ref.loss_and_grads(tokens[None, :25], tokens[None, 1:26], ref.begin_state(1))
+    rms = {k: np.sqrt(v) for k, v in ms.items()}
+    mean = np.concatenate([r.ravel() for r in rms.values()]).mean()
+    stepped = {k: p - lr * grads[k] / (rms[k] + 1e-8) for k, p in params.items()}
+    ref.update(lambda _: {k: w - np.minimum(decay * rms[k] / mean, 1.0) * (w - params[k])
+                          for k, w in stepped.items()})
+    nll2 = ref.token_nll(tokens[None, 25:40], tokens[None, 26:41], state)[0].sum()
+    assert result["nats_per_token"] == pytest.approx((loss1 * 25 + nll2) / 40, rel=1e-10)
+
+
 def test_dynamic_evaluation_scores_each_segment_before_training_on_it():
     params = random_params(5, 8, scale=0.4)
     tokens = np.random.default_rng(1).integers(0, 5, 41)

@@ -5,8 +5,9 @@ A checkpoint directory holds
     checkpoint.json                      config, vocab, epoch, RNG state, optimizer state, data identity,
                                          and the name and SHA-256 of the weights file
     weights-e000500-<hash>.safetensors   the parameters, under the book's names, the optimizer's buffers
-                                         (momentum, Adam moments) as "optimizer.<buffer>.<name>", and in a
-                                         checkpoint taken mid-epoch the carried hidden state as "state"
+                                         (momentum, Adam moments, the --ema weight average) as
+                                         "optimizer.<buffer>.<name>", and in a checkpoint taken
+                                         mid-epoch the carried hidden state as "state"
 
 The weights file is named by its content and written first; `checkpoint.json` is then replaced
 atomically. A crash at any point leaves `checkpoint.json` naming a complete weights file: the new
@@ -215,7 +216,7 @@ def _parse(meta_path: Path, raw: bytes) -> Checkpoint:
     rng_state = meta.get("rng_state")
     rng_state = None if rng_state is None else schema.check_rng_state(rng_state, where)
     optimizer = schema.check_optimizer_meta(meta.get("optimizer", {"name": "sgd", "t": 0}), train_cfg.optimizer,
-                                            where)
+                                            train_cfg.ema, where)
     extra = schema.check_extra({k: v for k, v in meta.items() if k not in _KNOWN}, where)
     state_shape = _state_shape(extra, model_cfg, train_cfg)
     params, optimizer_arrays, state = _read_weights(meta_path, meta, len(vocab), model_cfg, train_cfg.dtype,
@@ -257,7 +258,7 @@ def _num_params(model_cfg) -> int:
 
 def _buffers(optimizer: dict) -> tuple[str, ...]:
     """The optimizer's buffers a checkpoint holds: each of them once it has taken a step, none before."""
-    return optim.make_optimizer(optimizer["name"]).buffers if optimizer["t"] > 0 else ()
+    return optim.make_optimizer(optimizer["name"], ema=optimizer.get("ema", 0.0)).buffers if optimizer["t"] > 0 else ()
 
 
 def _read_weights(meta_path: Path, meta: dict, vocab_size: int, model_cfg, dtype: str, optimizer: dict,
@@ -333,6 +334,17 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:4]) + more if names else "none"
 
 
+def model_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The weights a checkpoint's model is used with: the run's average of its weights where it kept one
+    (--ema), else the weights it trained last. Resuming takes both: training goes on from the latter."""
+    ema = ckpt.optimizer.get("ema", 0.0)
+    if not (ema and ckpt.optimizer["t"]):
+        return ckpt.params
+    correction = 1.0 / (1.0 - ema ** ckpt.optimizer["t"])
+    return {name: (ckpt.optimizer_arrays[f"ema.{name}"] * correction).astype(p.dtype)
+            for name, p in ckpt.params.items()}
+
+
 def read_configs(ckpt: Checkpoint, where="checkpoint"):
     """(DataConfig, ModelConfig, TrainConfig, Vocab) of a checkpoint, checked against its weights."""
     data_cfg, model_cfg, train_cfg, vocab = schema.check_configs(ckpt.config, ckpt.vocab,
@@ -366,5 +378,6 @@ def load_model(directory, backend: str = "auto", device: str = "cpu", matmul_dty
     data_cfg, model_cfg, train_cfg, vocab = read_configs(ckpt, directory)
     if matmul_dtype == "bfloat16" and train_cfg.dtype != "float32":
         raise RnnlabError(f"--matmul-dtype bfloat16 needs a float32 model; this one is {train_cfg.dtype}")
-    return LoadedModel(make_backend(backend, ckpt.params, model_cfg.activation, device, dropout=model_cfg.dropout,
-                                    matmul_dtype=matmul_dtype), vocab, data_cfg, model_cfg, ckpt, train_cfg)
+    return LoadedModel(make_backend(backend, model_weights(ckpt), model_cfg.activation, device,
+                                    dropout=model_cfg.dropout, matmul_dtype=matmul_dtype),
+                       vocab, data_cfg, model_cfg, ckpt, train_cfg)

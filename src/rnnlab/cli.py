@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="segment length of dynamic evaluation (default: 64)")
     ev.add_argument("--dynamic-decay", type=finite_float, default=0.0, metavar="X",
                     help="pull of dynamic evaluation back toward the trained weights per step (default: 0)")
+    ev.add_argument("--dynamic-rule", default="sgd", choices=("sgd", "rms"),
+                    help="sgd: clipped SGD steps; rms: each weight's step divided by the RMS of its gradients on "
+                         "the last 20,000 tokens of the model's training split (Krause et al.'s rule; give an "
+                         "--dynamic-lr around 1e-4 to 1e-3) (default: sgd)")
     ev.add_argument("--mix-ngram", type=int64, default=0, metavar="ORDER",
                     help="score the mixture of the model with a Kneser-Ney n-gram of this order fitted on the "
                          "model's own training split (default: 0, the model alone)")
@@ -512,8 +516,6 @@ def cmd_eval(ns) -> int:
     from . import evaluate
     from .checkpoint import load_model
     from .runstate import load_dataset
-    if ns.dynamic_lr and ns.mix_ngram:
-        raise RnnlabError("--dynamic-lr and --mix-ngram are separate evaluations; give one of them")
     if ns.mix_ngram < 0 or not 0.0 <= ns.mix_weight <= 1.0:
         raise RnnlabError(f"--mix-ngram takes an n-gram order >= 1 and --mix-weight a weight in [0, 1], got "
                           f"{ns.mix_ngram} and {ns.mix_weight}")
@@ -522,22 +524,30 @@ def cmd_eval(ns) -> int:
     set_threads(ns.threads, ns.backend, ns.device)
     m = load_model(ns.checkpoint, ns.backend, ns.device, how.matmul_dtype)
     scoring = {"pieces": how.eval_batch, "warmup": how.eval_warmup, "max_tokens": how.val_max_tokens}
-    own = None if ns.corpus and not ns.mix_ngram else _own_data(ns, m)
+    if ns.dynamic_rule != "sgd" and not ns.dynamic_lr:
+        raise RnnlabError(f"--dynamic-rule {ns.dynamic_rule} is a rule of dynamic evaluation: give --dynamic-lr too")
+    rms = bool(ns.dynamic_lr) and ns.dynamic_rule == "rms"
+    own = None if ns.corpus and not (ns.mix_ngram or rms) else _own_data(ns, m)
     tokens, path = _eval_tokens(ns, m, own)
+    own_train = load_dataset(own, m.vocab).train if ns.mix_ngram or rms else None   # what the model trained on
     extra = {"dynamic": None, "mixture": None}
-    if ns.dynamic_lr:
-        result = evaluate.score_stream_dynamic(m.backend, tokens, ns.dynamic_lr, ns.dynamic_steps,
-                                               ns.dynamic_decay)
-        extra["dynamic"] = {"lr": ns.dynamic_lr, "num_steps": ns.dynamic_steps, "decay": ns.dynamic_decay}
-    elif ns.mix_ngram:
+    kn = None
+    if ns.mix_ngram:
         from . import ngram
-        own_train = load_dataset(own, m.vocab).train          # what the model itself trained on
         kn = ngram.KneserNey(ns.mix_ngram, len(m.vocab)).fit(own_train)
+    if ns.dynamic_lr:
+        ms = evaluate.gradient_ms(m.backend, own_train, ns.dynamic_steps) if rms else None
+        result = evaluate.score_stream_dynamic(m.backend, tokens, ns.dynamic_lr, ns.dynamic_steps,
+                                               ns.dynamic_decay, ngram_model=kn, weight=ns.mix_weight, ms=ms)
+        extra["dynamic"] = {"lr": ns.dynamic_lr, "num_steps": ns.dynamic_steps, "decay": ns.dynamic_decay,
+                            "rule": ns.dynamic_rule}
+    elif kn is not None:
         result = evaluate.score_mixture(m.backend, tokens, kn, ns.mix_weight, **scoring)
+    if kn is not None:
         extra["mixture"] = {"ngram_order": ns.mix_ngram, "model_weight": ns.mix_weight,
                             "model_perplexity": result.pop("model_perplexity"),
                             "ngram_perplexity": result.pop("ngram_perplexity")}
-    else:
+    if not (ns.dynamic_lr or kn is not None):
         result = evaluate.score_stream(m.backend, tokens, **scoring)
     unknown = int((tokens == m.vocab.unk).sum())
     bpc = result["bits_per_token"] if m.data_cfg.token == "char" else None
@@ -570,7 +580,7 @@ def _eval_summary(r: dict, token: str) -> str:
     line on a mixture, dynamic evaluation or unknown tokens where there is one."""
     from .train import num
     unit, per = _per(token)
-    how = " of the mixture" if r["mixture"] else " with dynamic evaluation" if r["dynamic"] else ""
+    how = (" of the mixture" if r["mixture"] else "") + (" with dynamic evaluation" if r["dynamic"] else "")
     lines = [(f"{SPLIT_NAMES[r['split']]} perplexity {num(r['perplexity'], '.2f')}{how}, "
               f"{num(r['bits_per_token'], '.3f')} bits/{per} over {r['tokens']:,} {unit}s of "
               f"{Path(r['corpus']).name} (epoch {r['checkpoint_epoch']})")]
@@ -582,7 +592,8 @@ def _eval_summary(r: dict, token: str) -> str:
                      f"training split ({num(mix['ngram_perplexity'], '.2f')} alone)")
     if r["dynamic"]:
         dyn = r["dynamic"]
-        lines.append(f"dynamic evaluation: one SGD step of lr {dyn['lr']:g} after each {dyn['num_steps']}-{per} "
+        rule = "SGD" if dyn["rule"] == "sgd" else "RMS-scaled"
+        lines.append(f"dynamic evaluation: one {rule} step of lr {dyn['lr']:g} after each {dyn['num_steps']}-{per} "
                      f"segment, decay {dyn['decay']:g}; the model adapts as it reads, so this is not a static figure")
     if r["unknown_tokens"]:
         n = r["unknown_tokens"]

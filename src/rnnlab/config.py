@@ -92,6 +92,9 @@ class TrainConfig:
     momentum: float = option(0.9, "momentum coefficient for --optimizer momentum")
     weight_decay: float = option(0.0, "weight decay of the W_* matrices: L2 added to the gradient, or "
                                       "decoupled with adamw")
+    ema: float = option(0.0, "weight averaging: evaluate, keep and load the exponential moving average of the "
+                             "weights, decaying by this factor per update (0: off; 0.998 averages about the last "
+                             "500 updates)", metavar="DECAY")
     schedule: str = option("constant", "learning-rate schedule after warm-up: constant, step (x --lr-gamma "
                                        "every --lr-step-size epochs) or cosine (to 0 at --num-epochs)",
                            choices=("constant", "step", "cosine"))
@@ -222,7 +225,7 @@ RUN_DEFINING = {
                   if f.name not in ("data_dir", "corpus", "prepared")),
     "model": tuple(f.name for f in dataclasses.fields(ModelConfig)),
     "train": ("batch_size", "num_steps", "theta", "clip_mode", "optimizer", "momentum", "weight_decay",
-              "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "state", "seed", "dtype",
+              "ema", "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "state", "seed", "dtype",
               "eval_batch", "eval_warmup", "val_max_tokens"),      # how held-out figures compare
 }
 
@@ -254,6 +257,8 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
         raise RnnlabError(f"--dropout must be in [0, 1), got {model.dropout}")
     if not 0.0 <= model.weight_drop < 1.0:
         raise RnnlabError(f"--weight-drop must be in [0, 1), got {model.weight_drop}")
+    if not 0.0 <= train.ema < 1.0:
+        raise RnnlabError(f"--ema must be in [0, 1), got {train.ema}")
     if not 0.0 <= train.momentum < 1.0:
         raise RnnlabError(f"--momentum must be in [0, 1), got {train.momentum}")
     if model.activation != "tanh" and model.cell != "rnn":

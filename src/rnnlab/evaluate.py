@@ -222,46 +222,107 @@ def score_mixture(backend, tokens, ngram_model, weight: float = 0.5, pieces: int
     generalises across contexts, the n-gram remembers exact ones), so the mixture usually beats both; by
     Jensen's inequality its loss is never above the weighted mean of theirs. Also returns each one's own
     perplexity on the same tokens."""
+    check_weight(weight)
+    nll_model, targets, layout = scored_nll(backend, tokens, pieces, warmup, max_tokens)
+    return {**mixture(nll_model, ngram_model.probs(tokens)[targets], weight), "scoring": scoring(layout, backend)}
+
+
+def check_weight(weight: float) -> None:
     if not 0.0 <= weight <= 1.0:
         raise RnnlabError(f"mixture weight must be in [0, 1], got {weight}")
-    nll_model, targets, layout = scored_nll(backend, tokens, pieces, warmup, max_tokens)
-    p_ngram = ngram_model.probs(tokens)[targets]
+
+
+def mixture(nll_model: np.ndarray, p_ngram: np.ndarray, weight: float) -> dict:
+    """The figures of weight * P_model + (1 - weight) * P_ngram over the same targets (the model's NLL and
+    the n-gram's probabilities of each), with each one's own perplexity beside them."""
     p = weight * np.exp(-nll_model) + (1.0 - weight) * p_ngram
     n = len(p)
-    return {**summarize(float(-np.log(p).sum()), n), "scoring": scoring(layout, backend),
+    return {**summarize(float(-np.log(p).sum()), n),
             "model_perplexity": summarize(float(nll_model.sum()), n)["perplexity"],
             "ngram_perplexity": summarize(float(-np.log(p_ngram).sum()), n)["perplexity"]}
 
 
 def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int = 64, decay: float = 0.0,
-                         theta: float = 1.0) -> dict:
+                         theta: float = 1.0, ngram_model=None, weight: float = 0.5, ms: dict | None = None) -> dict:
     """Dynamic evaluation (Krause et al., 2018): score the stream in segments of `num_steps` tokens and,
-    after scoring each, take one SGD step on that segment's mean loss, so the model adapts to the text
+    after scoring each, take one gradient step on that segment's mean loss, so the model adapts to the text
     (its names, its recent words) as it reads it.
 
     Every token is still predicted before the model has trained on it: segment k is scored by the weights
-    updated on segments 0..k-1 only. The update is W -= lr * clip(grad) + decay * (W - W_trained); `decay`
-    pulls the weights back toward the trained ones. It changes the backend's weights in memory (never a
-    checkpoint); load the model again to score statically.
+    updated on segments 0..k-1 only. The step is plain SGD, W -= lr * clip(grad) + decay * (W - W_trained),
+    or, given `ms` (`gradient_ms`: each weight's mean squared gradient on the training text), Krause et al.'s
+    RMS rule, W -= lr * grad / sqrt(ms) + decay * r * (W - W_trained) with r = sqrt(ms) / mean(sqrt(ms)) (at
+    most 1 / decay): each weight moves by its own gradient scale, and the weights the training text moved
+    most return fastest. `decay` pulls the weights back toward the trained ones. It changes the backend's
+    weights in memory (never a checkpoint); load the model again to score statically. With an
+    `ngram_model`, the figures are those of the adapted model's mixture with it (`score_mixture`'s `weight`).
     """
+    if ngram_model is not None:
+        check_weight(weight)
+    nll = dynamic_nll(backend, tokens, lr, num_steps, decay, theta, ms)
+    how = {"scoring": scoring(plan(len(nll), pieces=1), backend)}
+    if ngram_model is None:
+        return {**summarize(float(nll.sum()), len(nll)), **how}
+    return {**mixture(nll, ngram_model.probs(tokens), weight), **how}
+
+
+def dynamic_nll(backend, tokens: np.ndarray, lr: float, num_steps: int = 64, decay: float = 0.0,
+                theta: float = 1.0, ms: dict | None = None) -> np.ndarray:
+    """-log P(tokens[t] | tokens[:t]) for t = 1 .. N-1 under dynamic evaluation (`score_stream_dynamic`),
+    as (N - 1,) float64."""
     if len(tokens) < 2:
         raise RnnlabError("need at least 2 tokens to score")
     if not lr > 0 or num_steps < 1 or decay < 0:
         raise RnnlabError(f"dynamic evaluation needs lr > 0, num_steps >= 1 and decay >= 0, "
                           f"got lr={lr}, num_steps={num_steps}, decay={decay}")
     trained = {k: optim.copy(p) for k, p in backend.params.items()} if decay else {}
+    step = _dynamic_step if ms is None else _rms_step(ms, lr, decay, trained)
     state = backend.begin_state(1)
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens) - 1
-    total = 0.0
+    nll = np.empty(n)
     for start in range(0, n, num_steps):
         stop = min(start + num_steps, n)
         X, Y = tokens[None, start:stop], tokens[None, start + 1:stop + 1]
-        loss, grads, state = backend.loss_and_grads(X, Y, state)     # scored with the weights before the step
-        total += loss * (stop - start)
-        grads, _, _ = optim.clip(grads, theta)
-        backend.update(lambda params: _dynamic_step(params, grads, lr, decay, trained))
-    return {**summarize(total, n), "scoring": scoring(plan(n, pieces=1), backend)}
+        nll[start:stop], _ = backend.token_nll(X, Y, state)       # scored with the weights before the step
+        _, grads, state = backend.loss_and_grads(X, Y, state)
+        if ms is None:
+            grads, _, _ = optim.clip(grads, theta)
+        backend.update(lambda params: step(params, grads, lr, decay, trained))
+    return nll
+
+
+MS_TOKENS = 20_000      # training tokens whose gradients set the RMS rule's per-weight scale
+
+
+def gradient_ms(backend, tokens: np.ndarray, num_steps: int = 64, max_tokens: int = MS_TOKENS) -> dict:
+    """Each weight's mean squared gradient over segments of `num_steps` tokens of the training text (its last
+    `max_tokens`, the part nearest the held-out text), read as one stream as dynamic evaluation reads: the
+    per-weight scale of the RMS rule. Arrays of the backend's own kind."""
+    tokens = np.asarray(tokens, dtype=np.int64)[-(max_tokens + 1):]
+    if len(tokens) < 2:
+        raise RnnlabError("the RMS rule needs at least 2 training tokens")
+    state, total, count = backend.begin_state(1), None, 0
+    for start in range(0, len(tokens) - 1, num_steps):
+        stop = min(start + num_steps, len(tokens) - 1)
+        _, grads, state = backend.loss_and_grads(tokens[None, start:stop], tokens[None, start + 1:stop + 1], state)
+        squares = {k: g * g for k, g in grads.items()}
+        total = squares if total is None else {k: total[k] + squares[k] for k in total}
+        count += 1
+    return {k: v / count for k, v in total.items()}
+
+
+def _rms_step(ms: dict, lr: float, decay: float, trained: dict):
+    """The RMS rule's step (see `score_stream_dynamic`), its scales computed once."""
+    rms = {k: v ** 0.5 for k, v in ms.items()}
+    mean = sum(float(r.sum()) for r in rms.values()) / sum(int(np.prod(r.shape)) for r in rms.values())
+    scale = {k: 1.0 / (r + 1e-8) for k, r in rms.items()}
+    pull = {k: (r * (decay / max(mean, 1e-30))).clip(None, 1.0) for k, r in rms.items()} if decay else {}
+
+    def step(params: dict, grads: dict, lr: float, decay: float, trained: dict) -> dict:
+        new = {k: p - lr * grads[k] * scale[k] for k, p in params.items()}
+        return {k: p - pull[k] * (p - trained[k]) if k in pull else p for k, p in new.items()}
+    return step
 
 
 def _dynamic_step(params: dict, grads: dict, lr: float, decay: float, trained: dict) -> dict:

@@ -54,7 +54,7 @@ def estimate_train_bytes(vocab_size: int, model_cfg, train_cfg) -> int:
     V, H, L, B, T = vocab_size, m.num_hiddens, m.num_layers, t.batch_size, t.num_steps
     G, item = len(GATES[m.cell]), _itemsize(t.dtype)
     # weights, gradients, optimizer buffers and the backend's own copy
-    copies = 3 + OPTIMIZER_BUFFERS.get(t.optimizer, 2)
+    copies = 3 + OPTIMIZER_BUFFERS.get(t.optimizer, 2) + bool(t.ema)       # + the weight average
     weights = copies * num_params(V, H, L, m.cell, m.embed_size, m.cell_variant) * item
     activations = ACTIVATION_COPIES * T * B * H * (G + 1) * L * item
     logits = LOGIT_COPIES * T * B * V * item

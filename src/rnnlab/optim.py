@@ -105,12 +105,17 @@ class Optimizer:
     the gradients and the optimizer's state (its step count and buffers), which it replaces with the new
     state. No array is changed in place, so the same code serves numpy, torch and immutable arrays, and a
     backend applies the result (`backend.update`). `weight_decay` adds wd * W to the gradient of every
-    weight matrix (L2), except in AdamW, which shrinks the weights directly (decoupled)."""
+    weight matrix (L2), except in AdamW, which shrinks the weights directly (decoupled). With `ema` = d > 0
+    it also keeps an exponential moving average of the weights after each update, E = d E + (1 - d) W, the
+    weights a run evaluates and a model is loaded with (`averaged`): it smooths out the noise of the last
+    updates, as SWA and Polyak averaging do, which matters most when the learning rate stays high."""
     name = "sgd"
     buffers: tuple[str, ...] = ()
 
-    def __init__(self, weight_decay: float = 0.0, momentum: float = 0.9, betas=(0.9, 0.999), eps=1e-8):
-        self.weight_decay, self.momentum, self.betas, self.eps = weight_decay, momentum, betas, eps
+    def __init__(self, weight_decay: float = 0.0, momentum: float = 0.9, betas=(0.9, 0.999), eps=1e-8,
+                 ema: float = 0.0):
+        self.weight_decay, self.momentum, self.betas, self.eps, self.ema = weight_decay, momentum, betas, eps, ema
+        self.buffers = type(self).buffers + (("ema",) if ema else ())    # this run's: with the average
         self.t = 0                                   # updates taken
         self.state: dict[str, dict] = {b: {} for b in self.buffers}
 
@@ -122,7 +127,18 @@ class Optimizer:
             if self.weight_decay and decays(name) and self.name != "adamw":
                 g = g + self.weight_decay * p
             new[name] = self.update(name, p, g, lr)
+            if self.ema:
+                self.state["ema"][name] = self._buffer("ema", name, p) * self.ema + (1 - self.ema) * new[name]
         return new
+
+    def averaged(self, params: dict) -> dict:
+        """The exponential moving average of the weights after every update so far, with Adam's bias
+        correction (the buffer starts at zero): sum_s (1 - d) d^(t-s) W_s / (1 - d^t). Before the first
+        update, or without --ema, the weights themselves."""
+        if not (self.ema and self.t):
+            return params
+        correction = 1.0 / (1.0 - self.ema ** self.t)
+        return {name: self.state["ema"][name] * correction for name in params}
 
     def update(self, name, p, g, lr):
         return p - lr * g
@@ -140,7 +156,7 @@ class Optimizer:
     def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(JSON-ready metadata, numpy arrays named '<buffer>.<param>') for a checkpoint."""
         arrays = {f"{kind}.{name}": _to_numpy(v) for kind, bufs in self.state.items() for name, v in bufs.items()}
-        return {"name": self.name, "t": self.t}, arrays
+        return {"name": self.name, "t": self.t, **({"ema": self.ema} if self.ema else {})}, arrays
 
     def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray], params: dict) -> None:
         """Restore `state_dict` output, strictly (ValueError otherwise): this optimizer's name, t >= 0, and
@@ -148,6 +164,9 @@ class Optimizer:
         name, t = (meta.get("name"), meta.get("t")) if isinstance(meta, dict) else (None, None)
         if name != self.name:
             raise ValueError(f"the optimizer state is for {name!r}, not {self.name!r}")
+        if meta.get("ema", 0.0) != self.ema:
+            raise ValueError(f"the optimizer state averages the weights with ema {meta.get('ema', 0.0)!r}, "
+                             f"not {self.ema!r}")
         if not isinstance(t, int) or isinstance(t, bool) or t < 0:
             raise ValueError(f"the optimizer's step count t must be an integer >= 0, got {t!r}")
         expected = {f"{kind}.{p}": params[p] for kind in self.buffers for p in params} if t else {}
@@ -201,9 +220,9 @@ class AdamW(Adam):
         return super().update(name, p, g, lr)
 
 
-def make_optimizer(name: str, weight_decay: float = 0.0, momentum: float = 0.9) -> Optimizer:
+def make_optimizer(name: str, weight_decay: float = 0.0, momentum: float = 0.9, ema: float = 0.0) -> Optimizer:
     classes = {"sgd": Optimizer, "momentum": Momentum, "adam": Adam, "adamw": AdamW}
-    return classes[name](weight_decay=weight_decay, momentum=momentum)
+    return classes[name](weight_decay=weight_decay, momentum=momentum, ema=ema)
 
 
 def lr_at(lr: float, epoch: float, num_epochs: int, schedule: str = "constant", warmup_epochs: float = 0.0,

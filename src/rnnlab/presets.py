@@ -42,9 +42,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": _BOOKS_LSTM,
         "train": {**_BOOKS_TRAIN, "num_epochs": 44, "prefixes": ("the time traveller",)},
     },
-    "waroftheworlds": {     # twice The Time Machine's length: fewer epochs in the same budget
+    "waroftheworlds": {     # twice The Time Machine's length: fewer epochs in the same budget, less dropout
         "data": {"corpus": "war_of_the_worlds", "preprocess": "letters", "max_tokens": 0},
-        "model": _BOOKS_LSTM,
+        "model": {**_BOOKS_LSTM, "dropout": 0.4},
         "train": {**_BOOKS_TRAIN, "num_epochs": 20, "prefixes": ("the martians",)},
     },
     "shakespeare": {

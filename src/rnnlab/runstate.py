@@ -226,7 +226,7 @@ def _backend(params, model_cfg: ModelConfig, train_cfg: TrainConfig):
 
 
 def _optimizer(cfg: TrainConfig) -> optim.Optimizer:
-    return optim.make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum)
+    return optim.make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, cfg.ema)
 
 
 def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
@@ -517,7 +517,7 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
     limits.check_train(len(vocab), model_cfg, train_cfg)
     notes = _unknown_tokens(dataset, data_cfg, source, on_unknown)
     dtype = np.dtype(train_cfg.dtype)
-    params = {k: v.astype(dtype) for k, v in ckpt.params.items()}
+    params = {k: v.astype(dtype) for k, v in checkpoint.model_weights(ckpt).items()}
     train_cfg = with_prompts(sized(train_cfg, dataset), dataset, data_cfg.token)
     origin = {"checkpoint": str(Path(source).resolve()), "epoch": ckpt.epoch,
               "step": ckpt.extra.get("step"), "run_id": ckpt.extra.get("run_id"),

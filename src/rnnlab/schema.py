@@ -225,15 +225,18 @@ def check_token_freqs(pairs, where: str) -> list:
     return pairs
 
 
-def check_optimizer_meta(opt, name: str, where: str) -> dict:
-    """The optimizer's metadata: {"name": `name`, the config's optimizer, "t": updates taken >= 0}."""
+def check_optimizer_meta(opt, name: str, ema: float, where: str) -> dict:
+    """The optimizer's metadata: {"name": `name`, the config's optimizer, "t": updates taken >= 0, and with
+    weight averaging "ema": the config's decay}."""
     opt = mapping(opt, where, "optimizer")
-    unknown = sorted(set(opt) - {"name", "t"})
+    unknown = sorted(set(opt) - {"name", "t", "ema"})
     if unknown:
         raise fail(where, "optimizer", f"has unknown field {show(unknown[0])}")
     if opt.get("name") != name:
         raise fail(where, "optimizer.name", f"must be {name!r}, the config's optimizer", opt.get("name"))
-    return {"name": name, "t": count(opt.get("t"), where, "optimizer.t")}
+    if opt.get("ema", 0.0) != ema:
+        raise fail(where, "optimizer.ema", f"must be {ema!r}, the config's ema", opt.get("ema"))
+    return {"name": name, "t": count(opt.get("t"), where, "optimizer.t"), **({"ema": ema} if ema else {})}
 
 
 def check_extra(extra: dict, where: str) -> dict:

@@ -26,6 +26,7 @@ continues (at most MAX_ROLLBACKS times); each rollback is recorded in the next m
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -455,21 +456,39 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
             checkpoint_now(evaluate_too=False)
 
 
+@contextlib.contextmanager
+def averaged_weights(run: Run):
+    """Inside the block the backend holds the weights a run is judged by: with --ema, the optimizer's
+    average of them (copies of the trained weights are put back afterwards, since a backend may copy an
+    update into its own storage); without, the trained weights as they are."""
+    if not (run.optimizer.ema and run.optimizer.t):
+        yield
+        return
+    trained = {name: optim.copy(p) for name, p in run.backend.params.items()}
+    run.backend.update(run.optimizer.averaged)
+    try:
+        yield
+    finally:
+        run.backend.update(lambda params: trained)
+
+
 def _evaluate(run: Run, stats: EpochStats, window: EpochStats, log: Callable[[str], None],
               last: bool = False) -> bool:
     """Score the held-out split (all of it at the run's `last` evaluation, else at most --val-max-tokens), draw
     the samples that are due, append and log a record; whether the held-out loss is the best so far."""
     cfg = run.train_cfg
-    val = evaluate.score_heldout(run.backend, run.dataset.val, cfg, last)
+    with averaged_weights(run):
+        val = evaluate.score_heldout(run.backend, run.dataset.val, cfg, last)
+        at_boundary = run.position is None
+        due = (not cfg.sample_every or (at_boundary and run.epoch % cfg.sample_every == 0)
+               or run.epoch == cfg.num_epochs)
+        sample_text = samples(run) if due and run.world.main else {}
     compared = val.pop("compared_nats", val["nats_per_token"])      # with --val-max-tokens: the capped part
     improved = compared < run.best_val_nats
     if improved:
         run.best_val_nats, run.evals_since_best = compared, 0
     else:
         run.evals_since_best += 1
-    at_boundary = run.position is None
-    due = (not cfg.sample_every or (at_boundary and run.epoch % cfg.sample_every == 0)
-           or run.epoch == cfg.num_epochs)
-    run.records.append(make_record(run, stats, window, val, samples(run) if due and run.world.main else {}))
+    run.records.append(make_record(run, stats, window, val, sample_text))
     log(format_record(run.records[-1]))
     return improved
