@@ -141,19 +141,20 @@ def test_gradient_ms_is_the_mean_square_of_each_segments_gradient():
 
 
 def test_dynamic_evaluation_rms_rule_by_hand():
-    """The RMS rule: each weight steps by lr * grad / sqrt(ms), unclipped, then is pulled back toward the
-    trained weight by decay * sqrt(ms) / mean(sqrt(ms)), at most all the way."""
+    """The RMS rule: each weight steps by lr * grad / (sqrt(ms) + floor), unclipped, then is pulled back
+    toward the trained weight by decay * sqrt(ms) / mean(sqrt(ms)), at most all the way."""
     params = random_params(5, 8, scale=0.4)
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 5, 41)
     ms = {k: rng.random(v.shape) * 0.01 + 1e-4 for k, v in params.items()}
+    ms["b_q"] = np.zeros_like(ms["b_q"])          # never moved by the training text: the floor bounds its step
     lr, decay = 0.01, 0.3
     result = evaluate.score_stream_dynamic(NumpyBackend(params), tokens, lr, 25, decay, ms=ms)
     ref = NumpyBackend(params)
     loss1, grads, state = ref.loss_and_grads(tokens[None, :25], tokens[None, 1:26], ref.begin_state(1))
     rms = {k: np.sqrt(v) for k, v in ms.items()}
     mean = np.concatenate([r.ravel() for r in rms.values()]).mean()
-    stepped = {k: p - lr * grads[k] / (rms[k] + 1e-8) for k, p in params.items()}
+    stepped = {k: p - lr * grads[k] / (rms[k] + evaluate.RMS_FLOOR * mean) for k, p in params.items()}
     ref.update(lambda _: {k: w - np.minimum(decay * rms[k] / mean, 1.0) * (w - params[k])
                           for k, w in stepped.items()})
     nll2 = ref.token_nll(tokens[None, 25:40], tokens[None, 26:41], state)[0].sum()

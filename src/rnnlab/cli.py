@@ -519,13 +519,13 @@ def cmd_eval(ns) -> int:
     if ns.mix_ngram < 0 or not 0.0 <= ns.mix_weight <= 1.0:
         raise RnnlabError(f"--mix-ngram takes an n-gram order >= 1 and --mix-weight a weight in [0, 1], got "
                           f"{ns.mix_ngram} and {ns.mix_weight}")
+    if ns.dynamic_rule != "sgd" and not ns.dynamic_lr:
+        raise RnnlabError(f"--dynamic-rule {ns.dynamic_rule} is a rule of dynamic evaluation: give --dynamic-lr too")
     how = _eval_config(ns)
     check_device(ns.device, ns.backend)
     set_threads(ns.threads, ns.backend, ns.device)
     m = load_model(ns.checkpoint, ns.backend, ns.device, how.matmul_dtype)
     scoring = {"pieces": how.eval_batch, "warmup": how.eval_warmup, "max_tokens": how.val_max_tokens}
-    if ns.dynamic_rule != "sgd" and not ns.dynamic_lr:
-        raise RnnlabError(f"--dynamic-rule {ns.dynamic_rule} is a rule of dynamic evaluation: give --dynamic-lr too")
     rms = bool(ns.dynamic_lr) and ns.dynamic_rule == "rms"
     own = None if ns.corpus and not (ns.mix_ngram or rms) else _own_data(ns, m)
     tokens, path = _eval_tokens(ns, m, own)
@@ -543,12 +543,12 @@ def cmd_eval(ns) -> int:
                             "rule": ns.dynamic_rule}
     elif kn is not None:
         result = evaluate.score_mixture(m.backend, tokens, kn, ns.mix_weight, **scoring)
+    else:
+        result = evaluate.score_stream(m.backend, tokens, **scoring)
     if kn is not None:
         extra["mixture"] = {"ngram_order": ns.mix_ngram, "model_weight": ns.mix_weight,
                             "model_perplexity": result.pop("model_perplexity"),
                             "ngram_perplexity": result.pop("ngram_perplexity")}
-    if not (ns.dynamic_lr or kn is not None):
-        result = evaluate.score_stream(m.backend, tokens, **scoring)
     unknown = int((tokens == m.vocab.unk).sum())
     bpc = result["bits_per_token"] if m.data_cfg.token == "char" else None
     report = {"corpus": str(path), "split": ns.split, **result, "bits_per_char": bpc, "unknown_tokens": unknown,

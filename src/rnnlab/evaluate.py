@@ -251,11 +251,12 @@ def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int 
     Every token is still predicted before the model has trained on it: segment k is scored by the weights
     updated on segments 0..k-1 only. The step is plain SGD, W -= lr * clip(grad) + decay * (W - W_trained),
     or, given `ms` (`gradient_ms`: each weight's mean squared gradient on the training text), Krause et al.'s
-    RMS rule, W -= lr * grad / sqrt(ms) + decay * r * (W - W_trained) with r = sqrt(ms) / mean(sqrt(ms)) (at
-    most 1 / decay): each weight moves by its own gradient scale, and the weights the training text moved
-    most return fastest. `decay` pulls the weights back toward the trained ones. It changes the backend's
-    weights in memory (never a checkpoint); load the model again to score statically. With an
-    `ngram_model`, the figures are those of the adapted model's mixture with it (`score_mixture`'s `weight`).
+    RMS rule, W -= lr * grad / (sqrt(ms) + RMS_FLOOR * m) + decay * r * (W - W_trained) with m the mean of
+    sqrt(ms) and r = sqrt(ms) / m (at most 1 / decay): each weight moves by its own gradient scale, and the
+    weights the training text moved most return fastest. `decay` pulls the weights back toward the trained
+    ones. It changes the backend's weights in memory (never a checkpoint); load the model again to score
+    statically. With an `ngram_model`, the figures are those of the adapted model's mixture with it
+    (`score_mixture`'s `weight`).
     """
     if ngram_model is not None:
         check_weight(weight)
@@ -293,6 +294,9 @@ def dynamic_nll(backend, tokens: np.ndarray, lr: float, num_steps: int = 64, dec
 
 
 MS_TOKENS = 20_000      # training tokens whose gradients set the RMS rule's per-weight scale
+RMS_FLOOR = 0.05        # the RMS rule adds this fraction of the mean RMS to each weight's RMS: a weight whose
+                        # gradient was ~0 on the training text (a saturated unit, a character it lacks) would
+                        # otherwise take an unbounded step
 
 
 def gradient_ms(backend, tokens: np.ndarray, num_steps: int = 64, max_tokens: int = MS_TOKENS) -> dict:
@@ -316,7 +320,8 @@ def _rms_step(ms: dict, lr: float, decay: float, trained: dict):
     """The RMS rule's step (see `score_stream_dynamic`), its scales computed once."""
     rms = {k: v ** 0.5 for k, v in ms.items()}
     mean = sum(float(r.sum()) for r in rms.values()) / sum(int(np.prod(r.shape)) for r in rms.values())
-    scale = {k: 1.0 / (r + 1e-8) for k, r in rms.items()}
+    floor = RMS_FLOOR * mean + 1e-30
+    scale = {k: 1.0 / (r + floor) for k, r in rms.items()}
     pull = {k: (r * (decay / max(mean, 1e-30))).clip(None, 1.0) for k, r in rms.items()} if decay else {}
 
     def step(params: dict, grads: dict, lr: float, decay: float, trained: dict) -> dict:
