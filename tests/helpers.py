@@ -1,5 +1,6 @@
 """Small builders and checks shared by the tests."""
 import contextlib
+import dataclasses
 import io
 
 import numpy as np
@@ -60,6 +61,30 @@ def reversed_load(real_load):
         ckpt.optimizer_arrays = dict(reversed(list(ckpt.optimizer_arrays.items())))
         return ckpt
     return load
+
+
+def assert_resume_is_bit_exact(tmp_path, monkeypatch, data_cfg, model, cfg):
+    """Train `cfg` straight through in tmp_path/straight, and again stopped after its first epoch and resumed
+    from that checkpoint (read back with its parameters and buffers in reverse order, as another process may
+    hand them back) in tmp_path/split; clipping fires at every step of both. The final weights and every
+    logged held-out figure are the same bits. Returns (straight run, resumed run, the split run's records)."""
+    from rnnlab import checkpoint, train
+    quiet = dict(progress=False, log=lambda s: None)
+    straight = train.new_run(data_cfg, model, cfg)
+    train.fit(straight, tmp_path / "straight", **quiet)
+    train.fit(train.new_run(data_cfg, model, dataclasses.replace(cfg, num_epochs=1)), tmp_path / "split", **quiet)
+    monkeypatch.setattr(checkpoint, "load", reversed_load(checkpoint.load))
+    resumed = train.resume_run(tmp_path / "split", train={"num_epochs": cfg.num_epochs})
+    assert list(resumed.backend.params) != list(straight.backend.params)       # another order, on purpose
+    train.fit(resumed, tmp_path / "split", **quiet)
+
+    records = train.read_metrics(tmp_path / "split")
+    assert all(r["clip_frac"] > 0 for r in records)
+    a, b = straight.backend.numpy_params(), resumed.backend.numpy_params()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    assert [r["val_ppl"] for r in records] == [r["val_ppl"] for r in train.read_metrics(tmp_path / "straight")]
+    return straight, resumed, records
 
 
 def assert_dynamic_evaluation_agrees(ref, fast, tokens):

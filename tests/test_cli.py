@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from rnnlab import cli, presets
@@ -428,8 +429,8 @@ def test_eval_dynamic_bad_values(capsys, trained, argv):
 
 @pytest.mark.parametrize("argv, fragment", [(["--mix-ngram", "-2"], "--mix-ngram"),
                                             (["--mix-ngram", "3", "--mix-weight", "2"], "--mix-weight"),
-                                            (["--mix-ngram", "3", "--dynamic-lr", "0.1", "--mix-weight", "-1"],
-                                             "--mix-weight")])
+                                            (["--mix-ngram", "3", "--dynamic-lr", "0.1", "--eval-batch", "4"],
+                                             "one stream")])
 def test_eval_mixture_bad_values(capsys, trained, argv, fragment):
     code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", *argv)
     assert_one_line_error(code, err, fragment)
@@ -446,7 +447,8 @@ def test_eval_mixes_the_dynamically_adapted_model(capsys, trained):
     assert code == 0, err
     both = json.loads(out)
     assert both["dynamic"] == dynamic["dynamic"] and both["mixture"]["ngram_order"] == 3
-    assert both["mixture"]["model_perplexity"] == pytest.approx(dynamic["perplexity"], rel=1e-9)
+    # a float32 model: alone, the figure sums each segment's float32 mean loss; mixed, the float64 NLL of each token
+    assert both["mixture"]["model_perplexity"] == pytest.approx(dynamic["perplexity"], rel=1e-6)
     assert both["tokens"] == dynamic["tokens"] and both["perplexity"] != dynamic["perplexity"]
     code, out, err = run(capsys, *common[:-3], "--dynamic-lr", "0.1", "--mix-ngram", "3")
     assert code == 0 and out.startswith("held-out perplexity") and "of the mixture with dynamic evaluation" in out
@@ -463,6 +465,24 @@ def test_eval_dynamic_rms_rule(capsys, trained):
     assert rms["perplexity"] != json.loads(out)["perplexity"] and math.isfinite(rms["perplexity"])
     code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--dynamic-rule", "rms")
     assert_one_line_error(code, err, "--dynamic-lr")
+
+
+def test_eval_rms_rule_on_another_corpus_takes_its_statistics_from_the_models_own_training_split(
+        capsys, monkeypatch, trained):
+    from rnnlab import evaluate
+    from rnnlab.checkpoint import load_model
+    from rnnlab.runstate import load_dataset
+    seen = []
+    real = evaluate.gradient_ms
+    monkeypatch.setattr(evaluate, "gradient_ms", lambda backend, tokens, *a: seen.append(tokens) or real(
+        backend, tokens, *a))
+    code, out, err = run(capsys, "eval", "--checkpoint", trained.out, "--backend", "numpy", "--corpus",
+                         "war_of_the_worlds", "--dynamic-lr", "0.001", "--dynamic-rule", "rms", "--json")
+    assert code == 0, err
+    m = load_model(trained.out, backend="numpy")
+    own_train = load_dataset(m.data_cfg, m.vocab).train
+    assert len(seen) == 1 and np.array_equal(seen[0], own_train)
+    assert json.loads(out)["corpus"].endswith("war_of_the_worlds.txt")
 
 
 def test_eval_other_corpus(capsys, trained):

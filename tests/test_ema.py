@@ -12,7 +12,7 @@ from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
 
 from conftest import DATA
-from helpers import one_line_error, reversed_load, run_cli
+from helpers import assert_resume_is_bit_exact, one_line_error, run_cli
 
 DATA_CFG = DataConfig(max_tokens=400)
 MODEL = ModelConfig(num_hiddens=8)
@@ -94,23 +94,11 @@ def test_evaluation_holds_the_average_and_gives_the_trained_weights_back(backend
 @pytest.mark.parametrize("backend", ["numpy", "torch-fused"])
 def test_resume_is_bit_exact_with_the_average(tmp_path, monkeypatch, backend):
     needs(backend)
-    cfg = dataclasses.replace(BASE, **BACKENDS[backend])
-    straight = train.new_run(DATA_CFG, MODEL, cfg)
-    train.fit(straight, tmp_path / "straight", progress=False, log=lambda s: None)
-    half = train.new_run(DATA_CFG, MODEL, dataclasses.replace(cfg, num_epochs=1))
-    train.fit(half, tmp_path / "split", progress=False, log=lambda s: None)
-    monkeypatch.setattr(checkpoint, "load", reversed_load(checkpoint.load))
-    resumed = train.resume_run(tmp_path / "split", train={"num_epochs": 3})
-    train.fit(resumed, tmp_path / "split", progress=False, log=lambda s: None)
-
+    assert_resume_is_bit_exact(tmp_path, monkeypatch, DATA_CFG, MODEL, dataclasses.replace(BASE, **BACKENDS[backend]))
     a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
     assert a.optimizer == b.optimizer == {"name": "adam", "t": a.optimizer["t"], "ema": 0.9}
     for name in a.params:
-        assert np.array_equal(a.params[name], b.params[name]), name
         assert np.array_equal(a.optimizer_arrays[f"ema.{name}"], b.optimizer_arrays[f"ema.{name}"]), name
-    records = train.read_metrics(tmp_path / "split")
-    assert all(r["clip_frac"] > 0 for r in records)
-    assert [r["val_ppl"] for r in records] == [r["val_ppl"] for r in train.read_metrics(tmp_path / "straight")]
 
 
 def test_a_checkpoint_loads_its_average_and_scores_what_the_run_logged(tmp_path):

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from rnnlab import checkpoint, optim, train
+from rnnlab import checkpoint, optim
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 
 from conftest import DATA
-from helpers import reversed_load
+from helpers import assert_resume_is_bit_exact
 
 DATA_CFG = DataConfig(max_tokens=400)
 BASE = TrainConfig(batch_size=4, num_steps=5, num_epochs=3, log_every=1, backend="numpy", num_preds=3,
@@ -41,23 +41,7 @@ def test_resume_is_bit_exact_while_clipping_fires(tmp_path, monkeypatch, backend
     if backend != "numpy":
         pytest.importorskip("torch")
     cfg = dataclasses.replace(BASE, **BACKENDS[backend], **OPTIMIZERS[optimizer])
-    model = ModelConfig(num_hiddens=8)
-    straight = train.new_run(DATA_CFG, model, cfg)
-    train.fit(straight, tmp_path / "straight", progress=False, log=lambda s: None)
-
-    half = train.new_run(DATA_CFG, model, dataclasses.replace(cfg, num_epochs=1))
-    train.fit(half, tmp_path / "split", progress=False, log=lambda s: None)
-    monkeypatch.setattr(checkpoint, "load", reversed_load(checkpoint.load))
-    resumed = train.resume_run(tmp_path / "split", train={"num_epochs": 3})
-    assert list(resumed.backend.params) != list(straight.backend.params)       # another order, on purpose
-    train.fit(resumed, tmp_path / "split", progress=False, log=lambda s: None)
-
-    records = train.read_metrics(tmp_path / "split")
-    assert all(r["clip_frac"] > 0 for r in records)
-    a, b = straight.backend.numpy_params(), resumed.backend.numpy_params()
-    for name in a:
-        assert np.array_equal(a[name], b[name]), name
-    assert [r["val_ppl"] for r in records] == [r["val_ppl"] for r in train.read_metrics(tmp_path / "straight")]
+    assert_resume_is_bit_exact(tmp_path, monkeypatch, DATA_CFG, ModelConfig(num_hiddens=8), cfg)
 
 
 @pytest.mark.parametrize("backend", ["numpy", pytest.param("torch", marks=pytest.mark.slow)])

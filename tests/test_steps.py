@@ -26,8 +26,8 @@ TINY = ["--num-hiddens", "8", "--batch-size", "4", "--num-steps", "5", "--max-to
 
 CASES = {
     "rnn sequential (carried state)": (dict(), dict()),
-    "lstm sequential, dropout and weight drop, adam": (
-        dict(cell="lstm", num_layers=2, dropout=0.3, weight_drop=0.2), dict(optimizer="adam", lr=0.01)),
+    "lstm sequential, dropout and weight drop, adam, weight averaging": (
+        dict(cell="lstm", num_layers=2, dropout=0.3, weight_drop=0.2), dict(optimizer="adam", lr=0.01, ema=0.9)),
     "gru random sampling (state reset), momentum": (dict(cell="gru"), dict(sampling="random", optimizer="momentum",
                                                                            lr=0.1)),
     "torch autograd, cosine schedule": (dict(cell="lstm", embed_size=4),

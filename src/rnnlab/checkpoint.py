@@ -337,12 +337,12 @@ def _some(names: list[str]) -> str:
 def model_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     """The weights a checkpoint's model is used with: the run's average of its weights where it kept one
     (--ema), else the weights it trained last. Resuming takes both: training goes on from the latter."""
-    ema = ckpt.optimizer.get("ema", 0.0)
-    if not (ema and ckpt.optimizer["t"]):
+    meta = ckpt.optimizer
+    if not (meta.get("ema") and meta["t"]):
         return ckpt.params
-    correction = 1.0 / (1.0 - ema ** ckpt.optimizer["t"])
-    return {name: (ckpt.optimizer_arrays[f"ema.{name}"] * correction).astype(p.dtype)
-            for name, p in ckpt.params.items()}
+    averaging = optim.make_optimizer(meta["name"], ema=meta["ema"])
+    averaging.load_state_dict(meta, ckpt.optimizer_arrays, ckpt.params)
+    return averaging.averaged(ckpt.params)
 
 
 def read_configs(ckpt: Checkpoint, where="checkpoint"):

@@ -527,9 +527,10 @@ def cmd_eval(ns) -> int:
     m = load_model(ns.checkpoint, ns.backend, ns.device, how.matmul_dtype)
     scoring = {"pieces": how.eval_batch, "warmup": how.eval_warmup, "max_tokens": how.val_max_tokens}
     rms = bool(ns.dynamic_lr) and ns.dynamic_rule == "rms"
-    own = None if ns.corpus and not (ns.mix_ngram or rms) else _own_data(ns, m)
+    needs_own = bool(ns.mix_ngram or rms)            # the model's own training split, whatever --corpus says
+    own = None if ns.corpus and not needs_own else _own_data(ns, m)
     tokens, path = _eval_tokens(ns, m, own)
-    own_train = load_dataset(own, m.vocab).train if ns.mix_ngram or rms else None   # what the model trained on
+    own_train = load_dataset(own, m.vocab).train if needs_own else None
     extra = {"dynamic": None, "mixture": None}
     kn = None
     if ns.mix_ngram:

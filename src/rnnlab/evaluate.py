@@ -258,12 +258,14 @@ def score_stream_dynamic(backend, tokens: np.ndarray, lr: float, num_steps: int 
     statically. With an `ngram_model`, the figures are those of the adapted model's mixture with it
     (`score_mixture`'s `weight`).
     """
-    if ngram_model is not None:
-        check_weight(weight)
+    how = {"scoring": scoring(plan(max(len(tokens) - 1, 1), pieces=1), backend)}
+    if ngram_model is None:              # only the sum is needed: each segment's mean loss, no second forward
+        n, total = len(tokens) - 1, 0.0
+        for start, stop, loss, _ in _dynamic_segments(backend, tokens, lr, num_steps, decay, theta, ms, False):
+            total += loss * (stop - start)
+        return {**summarize(total, n), **how}
+    check_weight(weight)
     nll = dynamic_nll(backend, tokens, lr, num_steps, decay, theta, ms)
-    how = {"scoring": scoring(plan(len(nll), pieces=1), backend)}
-    if ngram_model is None:
-        return {**summarize(float(nll.sum()), len(nll)), **how}
     return {**mixture(nll, ngram_model.probs(tokens), weight), **how}
 
 
@@ -271,26 +273,33 @@ def dynamic_nll(backend, tokens: np.ndarray, lr: float, num_steps: int = 64, dec
                 theta: float = 1.0, ms: dict | None = None) -> np.ndarray:
     """-log P(tokens[t] | tokens[:t]) for t = 1 .. N-1 under dynamic evaluation (`score_stream_dynamic`),
     as (N - 1,) float64."""
+    nll = np.empty(max(len(tokens) - 1, 0))
+    for start, stop, _, segment in _dynamic_segments(backend, tokens, lr, num_steps, decay, theta, ms, True):
+        nll[start:stop] = segment
+    return nll
+
+
+def _dynamic_segments(backend, tokens, lr: float, num_steps: int, decay: float, theta: float, ms: dict | None,
+                      per_token: bool) -> Iterator[tuple[int, int, float, np.ndarray | None]]:
+    """Dynamic evaluation's loop: for each segment [start, stop) of targets, (start, stop, its mean loss, its
+    per-token NLL when `per_token`, else None), scored with the weights before the step on it."""
     if len(tokens) < 2:
         raise RnnlabError("need at least 2 tokens to score")
     if not lr > 0 or num_steps < 1 or decay < 0:
         raise RnnlabError(f"dynamic evaluation needs lr > 0, num_steps >= 1 and decay >= 0, "
                           f"got lr={lr}, num_steps={num_steps}, decay={decay}")
     trained = {k: optim.copy(p) for k, p in backend.params.items()} if decay else {}
-    step = _dynamic_step if ms is None else _rms_step(ms, lr, decay, trained)
+    step = _sgd_step(lr, decay, trained, theta) if ms is None else _rms_step(ms, lr, decay, trained)
     state = backend.begin_state(1)
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens) - 1
-    nll = np.empty(n)
     for start in range(0, n, num_steps):
         stop = min(start + num_steps, n)
         X, Y = tokens[None, start:stop], tokens[None, start + 1:stop + 1]
-        nll[start:stop], _ = backend.token_nll(X, Y, state)       # scored with the weights before the step
-        _, grads, state = backend.loss_and_grads(X, Y, state)
-        if ms is None:
-            grads, _, _ = optim.clip(grads, theta)
-        backend.update(lambda params: step(params, grads, lr, decay, trained))
-    return nll
+        nll = backend.token_nll(X, Y, state)[0] if per_token else None     # the weights before the step
+        loss, grads, state = backend.loss_and_grads(X, Y, state)
+        backend.update(lambda params: step(params, grads))
+        yield start, stop, loss, nll
 
 
 MS_TOKENS = 20_000      # training tokens whose gradients set the RMS rule's per-weight scale
@@ -301,8 +310,8 @@ RMS_FLOOR = 0.05        # the RMS rule adds this fraction of the mean RMS to eac
 
 def gradient_ms(backend, tokens: np.ndarray, num_steps: int = 64, max_tokens: int = MS_TOKENS) -> dict:
     """Each weight's mean squared gradient over segments of `num_steps` tokens of the training text (its last
-    `max_tokens`, the part nearest the held-out text), read as one stream as dynamic evaluation reads: the
-    per-weight scale of the RMS rule. Arrays of the backend's own kind."""
+    `max_tokens`: with the whole text trained on, the part just before the held-out split), read as one
+    stream as dynamic evaluation reads: the per-weight scale of the RMS rule. Arrays of the backend's kind."""
     tokens = np.asarray(tokens, dtype=np.int64)[-(max_tokens + 1):]
     if len(tokens) < 2:
         raise RnnlabError("the RMS rule needs at least 2 training tokens")
@@ -316,21 +325,24 @@ def gradient_ms(backend, tokens: np.ndarray, num_steps: int = 64, max_tokens: in
     return {k: v / count for k, v in total.items()}
 
 
+def _sgd_step(lr: float, decay: float, trained: dict, theta: float):
+    """The SGD rule's step: clipped SGD, then a pull of `decay` back toward the trained weights."""
+    def step(params: dict, grads: dict) -> dict:
+        grads, _, _ = optim.clip(grads, theta)
+        new = optim.sgd(params, grads, lr)
+        return {k: p - decay * (p - trained[k]) if k in trained else p for k, p in new.items()}
+    return step
+
+
 def _rms_step(ms: dict, lr: float, decay: float, trained: dict):
-    """The RMS rule's step (see `score_stream_dynamic`), its scales computed once."""
+    """The RMS rule's step (see `score_stream_dynamic`), unclipped, its scales computed once."""
     rms = {k: v ** 0.5 for k, v in ms.items()}
     mean = sum(float(r.sum()) for r in rms.values()) / sum(int(np.prod(r.shape)) for r in rms.values())
     floor = RMS_FLOOR * mean + 1e-30
     scale = {k: 1.0 / (r + floor) for k, r in rms.items()}
     pull = {k: (r * (decay / max(mean, 1e-30))).clip(None, 1.0) for k, r in rms.items()} if decay else {}
 
-    def step(params: dict, grads: dict, lr: float, decay: float, trained: dict) -> dict:
+    def step(params: dict, grads: dict) -> dict:
         new = {k: p - lr * grads[k] * scale[k] for k, p in params.items()}
         return {k: p - pull[k] * (p - trained[k]) if k in pull else p for k, p in new.items()}
     return step
-
-
-def _dynamic_step(params: dict, grads: dict, lr: float, decay: float, trained: dict) -> dict:
-    """One step of dynamic evaluation: SGD, then a pull of `decay` back toward the trained weights."""
-    new = optim.sgd(params, grads, lr)
-    return {k: p - decay * (p - trained[k]) if k in trained else p for k, p in new.items()}

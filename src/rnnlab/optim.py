@@ -144,7 +144,7 @@ class Optimizer:
         return p - lr * g
 
     def buffer_arrays(self) -> list:
-        """Every buffer array (momentum, Adam moments), in no particular order."""
+        """Every buffer array (momentum, Adam moments, the weight average), in no particular order."""
         return [v for bufs in self.state.values() for v in bufs.values()]
 
     def _buffer(self, kind: str, name: str, p):

@@ -235,6 +235,8 @@ def check_optimizer_meta(opt, name: str, ema: float, where: str) -> dict:
     if opt.get("name") != name:
         raise fail(where, "optimizer.name", f"must be {name!r}, the config's optimizer", opt.get("name"))
     if opt.get("ema", 0.0) != ema:
+        if "ema" not in opt:
+            raise fail(where, "optimizer.ema", f"is missing; the config averages the weights with ema {ema!r}")
         raise fail(where, "optimizer.ema", f"must be {ema!r}, the config's ema", opt.get("ema"))
     return {"name": name, "t": count(opt.get("t"), where, "optimizer.t"), **({"ema": ema} if ema else {})}
 

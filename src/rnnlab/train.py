@@ -10,13 +10,13 @@ AdamW at the scheduled learning rate). Dropout masks are drawn from the run's da
 perplexity is exp of the token-weighted mean loss over the epoch.
 
 Every `log_every` epochs, or every `eval_every` epochs or minibatch steps (mid-epoch too), and at the last,
-the held-out split is scored as one stream, samples are drawn, and, with an output directory, metrics.jsonl,
-the checkpoint and the plot are rewritten atomically (rundir.py: one writer, no links, nothing but rnnlab's
-files); a held-out loss better than every earlier one also writes OUT/best. `save_every` adds checkpoints
-between evaluations. A checkpoint taken mid-epoch holds where the epoch stands (runstate.Position) and
-resumes exactly. With `patience`, training stops after that many evaluations without a better held-out loss.
-Ctrl-C stops at the end of the current minibatch and checkpoints it. The run's state and how it is resumed
-are in runstate.py.
+the held-out split is scored as one stream, samples are drawn (both with the running average of the weights
+under --ema, `averaged_weights`), and, with an output directory, metrics.jsonl, the checkpoint and the plot
+are rewritten atomically (rundir.py: one writer, no links, nothing but rnnlab's files); a held-out loss
+better than every earlier one also writes OUT/best. `save_every` adds checkpoints between evaluations. A
+checkpoint taken mid-epoch holds where the epoch stands (runstate.Position) and resumes exactly. With
+`patience`, training stops after that many evaluations without a better held-out loss. Ctrl-C stops at the
+end of the current minibatch and checkpoints it. The run's state and how it is resumed are in runstate.py.
 
 Divergence: a loss or gradient norm that is not finite, weights or optimizer buffers that are not, or an
 epoch's loss more than ln V above its running level (ln V nats is what guessing uniformly costs) stop the
