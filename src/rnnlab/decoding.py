@@ -292,6 +292,14 @@ def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, t
             yield Piece(r, rest)
 
 
+def joined(pieces, num_samples: int) -> list[str]:
+    """The texts of `num_samples` continuations from their pieces (`stream`'s, or beam search's)."""
+    parts: list[list[str]] = [[] for _ in range(num_samples)]
+    for piece in pieces:
+        parts[piece.sample].append(piece.text)
+    return ["".join(part) for part in parts]
+
+
 def continuations(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, stop: Sequence[str] = (), seed: int = 0,
                   never=()) -> list[str]:
@@ -301,11 +309,8 @@ def continuations(step, state, prompt_ids, token_text: Sequence[str], num_preds:
     if temperature == 0 and num_samples == 1:
         return [greedy(step, state, prompt_ids, token_text, num_preds, stop, never)]
     if stop:
-        parts: list[list[str]] = [[] for _ in range(num_samples)]
-        for piece in stream(step, state, prompt_ids, token_text, num_preds, temperature, top_k, top_p, num_samples,
-                            stop, seed, never):
-            parts[piece.sample].append(piece.text)
-        return ["".join(part) for part in parts]
+        return joined(stream(step, state, prompt_ids, token_text, num_preds, temperature, top_k, top_p, num_samples,
+                             stop, seed, never), num_samples)
     steps = [last for _, last in _choices(step, state, prompt_ids, num_preds, temperature, top_k, top_p,
                                           num_samples, seed, never)]
     tokens = np.array(steps, dtype=np.int64).reshape(len(steps), num_samples)          # (steps, n)

@@ -159,13 +159,11 @@ class LM:
         cfg = self.options(cfg, **changes)
         p = prompt if isinstance(prompt, Prompt) else self.prompt(prompt)
         if cfg.beam:
-            parts = [[p.text] for _ in range(cfg.num_samples)]
-            for piece in self.stream(p, cfg):
-                parts[piece.sample].append(piece.text)
-            return ["".join(x) for x in parts]
-        step, state = self.backend.decoder(), self.backend.begin_state(1)
-        texts = decoding.continuations(step, state, p.ids, self.token_text, cfg.num_preds, cfg.temperature,
-                                       cfg.top_k, cfg.top_p, cfg.num_samples, cfg.stop, cfg.seed, self.never)
+            texts = decoding.joined(self.stream(p, cfg), cfg.num_samples)
+        else:
+            step, state = self.backend.decoder(), self.backend.begin_state(1)
+            texts = decoding.continuations(step, state, p.ids, self.token_text, cfg.num_preds, cfg.temperature,
+                                           cfg.top_k, cfg.top_p, cfg.num_samples, cfg.stop, cfg.seed, self.never)
         return [p.text + text for text in texts]
 
     # --- scoring -----------------------------------------------------------------------------------------------
