@@ -290,21 +290,8 @@ class Decoder:
         never = tuple(sorted({int(t) for t in never}))
         if self.arch.cell == "rnn" and self.arch.num_layers == 1:
             return self._greedy_rnn(feed, state, num_preds, never)
-        V = self.w.layers[-1].bias_next.shape[0]
-        token = np.empty(1, dtype=np.int64)
-        for tok in feed[:-1]:
-            token[0] = tok
-            _, state = self(token, state)
-        token[0], ids, masked = feed[-1], [], list(never)
-        logits = np.empty((num_preds, V), self.w.dtype)
-        for i in range(num_preds):
-            row, state = self(token, state)
-            logits[i] = z = row[0]
-            if masked:
-                z[masked] = -np.inf
-            token[0] = z.argmax()
-            ids.append(token[0])
-        return np.array(ids, dtype=np.int64), logits, state
+        from ..decoding import greedy_steps                       # the generic loop, over this decoder's steps
+        return greedy_steps(self, feed, state, num_preds, never)
 
     def _greedy_rnn(self, feed, state, num_preds: int, never):
         """`greedy` for one RNN layer, its step written out over the decoder's buffers: per token, a row of
