@@ -104,13 +104,12 @@ def resolve(preset: str | None, data: dict, model: dict, train: dict) -> tuple[d
         preset, note = "text", _text_note(data.get("preprocess") if data.get("prepared") else None)
     if preset is None:
         return dict(data), dict(model), dict(train), None
-    prefixes_given = "prefixes" in train
     given = set(train)
     data, model, train = apply(preset, data, model, train)
     if backends.resolve(train.get("backend", "auto")) != "torch":      # a preset's torch path is for torch
         for key in TORCH_ONLY - given:
             train.pop(key, None)
     made_for = PRESETS[preset]["data"].get("corpus", BOOK_CORPUS)
-    if data.get("corpus", BOOK_CORPUS) != made_for and not prefixes_given:
+    if data.get("corpus", BOOK_CORPUS) != made_for and "prefixes" not in given:
         train["prefixes"] = ()
     return data, model, train, note

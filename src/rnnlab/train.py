@@ -477,11 +477,11 @@ def _evaluate(run: Run, stats: EpochStats, window: EpochStats, log: Callable[[st
     """Score the held-out split (all of it at the run's `last` evaluation, else at most --val-max-tokens), draw
     the samples that are due, append and log a record; whether the held-out loss is the best so far."""
     cfg = run.train_cfg
+    at_boundary = run.position is None
+    due = (not cfg.sample_every or (at_boundary and run.epoch % cfg.sample_every == 0)
+           or run.epoch == cfg.num_epochs)
     with averaged_weights(run):
         val = evaluate.score_heldout(run.backend, run.dataset.val, cfg, last)
-        at_boundary = run.position is None
-        due = (not cfg.sample_every or (at_boundary and run.epoch % cfg.sample_every == 0)
-               or run.epoch == cfg.num_epochs)
         sample_text = samples(run) if due and run.world.main else {}
     compared = val.pop("compared_nats", val["nats_per_token"])      # with --val-max-tokens: the capped part
     improved = compared < run.best_val_nats
