@@ -737,11 +737,11 @@ DEEP = ["--cell", "lstm", "--num-layers", "2", "--embed-size", "6", "--dropout",
         "--weight-decay", "0.01", "--clip-mode", "value", "--clip", "0.5"]
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_deep_run_resumes_exactly(capsys, tmp_path, cell):
+@pytest.mark.parametrize("cell, dropout_mode", [("gru", "step"), ("lstm", "locked")])
+def test_deep_run_resumes_exactly(capsys, tmp_path, cell, dropout_mode):
     """Adam moments, the schedule and the dropout and weight-drop masks all survive a resume: same numbers as
     a straight run, to the bit, on numpy."""
-    argv = [*tiny(num_epochs=3), *DEEP]
+    argv = [*tiny(num_epochs=3), *DEEP, "--dropout-mode", dropout_mode]
     argv[argv.index("lstm")] = cell
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run(capsys, "train", *argv, "--out", straight)[0] == 0

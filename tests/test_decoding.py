@@ -218,8 +218,8 @@ def test_rows_that_stop_leave_the_batch():
 @given(text=st.text("abc", max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
        stops=st.lists(st.text("abc", min_size=1, max_size=4), max_size=3))
 def test_stopper_streams_exactly_the_text_before_the_first_stop(text, cuts, stops):
-    """Whatever the pieces, what is released is the text cut before the earliest stop text, and nothing of a
-    stop text is ever released."""
+    """Whatever the pieces, what is released is the text cut before the first stop text to be complete, and
+    nothing of a stop text is ever released."""
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     stopper, out = decoding.Stopper(stops), ""
     for a, b in zip(bounds, bounds[1:]):
@@ -227,8 +227,8 @@ def test_stopper_streams_exactly_the_text_before_the_first_stop(text, cuts, stop
         if stopper.done:
             break
     out += stopper.flush()
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    assert out == text[:min(hits)] if hits else out == text
+    hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]        # (end, start)
+    assert out == text[:min(hits)[1]] if hits else out == text
 
 
 # --- beam search --------------------------------------------------------------------------------------------

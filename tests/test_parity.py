@@ -93,22 +93,24 @@ def test_weight_drop_is_an_argument_that_never_touches_the_weights(path, arch):
     assert_weight_drop_is_an_argument(fast, params, V, B, T)
 
 
-@pytest.mark.parametrize("path, arch, dropout", [("fused", None, 0.0), ("autograd", "lstm-2layer-embed", 0.3),
-                                                  ("autograd", "gru", 0.0)])
-def test_epochs_with_weight_drop_agree_float64(path, arch, dropout):
+@pytest.mark.parametrize("path, arch, dropout, locked", [("fused", None, 0.0, False),
+                                                          ("autograd", "lstm-2layer-embed", 0.3, False),
+                                                          ("autograd", "lstm-2layer-embed", 0.3, True),
+                                                          ("autograd", "gru", 0.0, False)])
+def test_epochs_with_weight_drop_agree_float64(path, arch, dropout, locked):
     V, H = 9, 8
     corpus = np.random.default_rng(0).integers(0, V, 500)
     params = random_params(V, H, np.float64, scale=0.3, **(ARCHS[arch] if arch else {}))
     cfg = TrainConfig(batch_size=4, num_steps=7, lr=0.5, theta=1.0, dtype="float64")
     ref, fast = NumpyBackend(params), TORCH_PATHS[path](params)
     for _ in range(2):
-        a = train_epoch(ref, corpus, cfg, np.random.default_rng(7), dropout=dropout, weight_drop=0.4)
-        b = train_epoch(fast, corpus, cfg, np.random.default_rng(7), dropout=dropout, weight_drop=0.4)
+        a, b = (train_epoch(backend, corpus, cfg, np.random.default_rng(7), dropout=dropout, weight_drop=0.4,
+                            locked_dropout=locked) for backend in (ref, fast))
         assert a.nll_sum == pytest.approx(b.nll_sum, rel=1e-10) and a.clipped == b.clipped
     for name in params:
         assert rel_err(ref.params[name], as_np(fast.params[name])) < 1e-10, name
     plain = NumpyBackend(params)
-    train_epoch(plain, corpus, cfg, np.random.default_rng(7), dropout=dropout)
+    train_epoch(plain, corpus, cfg, np.random.default_rng(7), dropout=dropout, locked_dropout=locked)
     W_h = network.recurrent_weight_names(ref.arch)[0]
     assert rel_err(plain.params[W_h], ref.params[W_h]) > 1e-3             # weight drop changed the training
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import random_params
-from rnnlab import cells, evaluate, ngram, optim, rundir, train
+from rnnlab import cells, evaluate, network, ngram, optim, rundir, train
 from rnnlab.backends.numpy_backend import NumpyBackend
 from rnnlab.config import DataConfig, ModelConfig, TrainConfig
 from rnnlab.errors import RnnlabError
@@ -354,3 +354,16 @@ def test_the_run_records_the_device_it_chose(tmp_path):
     assert run.train_cfg.device == "auto"
     train.fit(run, tmp_path, progress=False, log=lambda s: None)
     assert json.loads((tmp_path / "checkpoint.json").read_text())["device"] == "cpu"
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_dropout_masks_are_inverted_and_locked_masks_repeat_over_time(locked):
+    p, L, B, T, H = 0.25, 2, 40, 6, 50
+    masks = network.dropout_masks(np.random.default_rng(0), p, L, B, T, H, np.float32, locked)
+    assert masks.shape == (L, T, B, H) and masks.dtype == np.float32 and masks.flags.writeable
+    assert set(np.unique(masks)) == {0.0, np.float32(1 / (1 - p))}
+    assert abs((masks == 0).mean() - p) < 0.03
+    same_over_time = (masks == masks[:, :1]).all()
+    assert same_over_time == locked
+    assert not (masks[0] == masks[1]).all() and not (masks[:, :, 0] == masks[:, :, 1]).all()   # layers, rows
+    assert network.dropout_masks(np.random.default_rng(0), 0.0, L, B, T, H, np.float32, locked) is None

@@ -88,7 +88,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
                   "help": f"{f.metadata['help']} (default: {f.metadata.get('shown') or _show(f.default)})"}
         hint = hints[f.name]
         if typing.get_origin(hint) is tuple:
-            kwargs.update(nargs="+", type=str, metavar="TEXT")
+            kwargs.update(nargs="+", type=str, metavar=f.metadata.get("metavar") or "TEXT")
         else:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             kind = args[0] if args else hint
@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     train.add_argument("--preset", choices=tuple(presets.PRESETS),
                        help="start from named settings (book: the §8.5 run; legacy: the early notebook's run; "
-                            "timemachine, shakespeare: the best measured for that corpus); flags given override "
-                            "them (default: none, i.e. the book's)")
+                            "timemachine, waroftheworlds, shakespeare: the best measured for that corpus; "
+                            "timemachine-wells: The Time Machine with The War of the Worlds as more training "
+                            "text); flags given override them (default: none, i.e. the book's)")
     for cls in (DataConfig, ModelConfig, TrainConfig):
         add_config_args(train, cls)
 
@@ -399,7 +400,9 @@ def _fit(ns, run, writer, out, preset_note: str | None, say) -> int:
     threads = getattr(run.backend, "threads", None)
     ranks = (f"; {world.size} ranks of {c.batch_size // world.size} rows each "
              f"({collectives(device_of(run.backend))})" if world.distributed else "")
-    say(f"corpus {d.path.name}: {len(d.train):,} training / {len(d.val):,} held-out tokens, "
+    extra = (f" ({d.extra_tokens:,} of them from {', '.join(Path(name).name for name in run.data_cfg.extra_text)})"
+             if d.extra_tokens else "")
+    say(f"corpus {d.path.name}: {len(d.train):,} training{extra} / {len(d.val):,} held-out tokens, "
         f"vocab {len(d.vocab)}; backend {run.backend.name}, {c.dtype}, device {device_of(run.backend)}"
         + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "") + ranks)
     say(f"saving to {out}" + ("" if ns.out else " (--out DIR to choose, --no-save for none)") if out else
@@ -634,7 +637,7 @@ def _eval_tokens(ns, m, own: DataConfig | None):
     data_cfg = own
     if ns.corpus:
         data_cfg = dataclasses.replace(m.data_cfg, corpus=ns.corpus, data_dir=ns.data_dir or m.data_cfg.data_dir,
-                                       prepared=None)
+                                       prepared=None, extra_text=())
     if ns.split == "all":
         tokens, _, path, _, _ = encode(data_cfg, m.vocab)
         return tokens, path
@@ -655,8 +658,9 @@ def cmd_baseline(ns) -> int:
         if "corpus" not in given(ns, DataConfig):
             data_cfg = dataclasses.replace(data_cfg, corpus=run_corpus(ckpt, ns.checkpoint, data_cfg.data_dir),
                                            prepared=of_checkpoint(ckpt, ns.checkpoint, data_cfg.prepared))
-        else:
-            data_cfg = dataclasses.replace(data_cfg, prepared=None)
+        else:                                          # another text: the model's extra text is not its own
+            data_cfg = dataclasses.replace(data_cfg, prepared=None,
+                                           extra_text=given(ns, DataConfig).get("extra_text", ()))
     else:
         data = given(ns, DataConfig)
         data_cfg, vocab = DataConfig(**(settings(data) if "prepared" in data else data)), None

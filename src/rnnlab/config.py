@@ -47,7 +47,12 @@ class DataConfig:
                                     "characters removed",
                              choices=("d2l", "letters", "raw", "legacy", "unicode"))
     token: str = option("char", "token type", choices=("char", "word"))
-    max_tokens: int = option(10000, "train on at most the first N tokens of the training split (<= 0: all)")
+    extra_text: tuple[str, ...] = option((), "more training text: corpus names or files, preprocessed like the "
+                                             "corpus and trained on before its training split; the held-out "
+                                             "split stays the corpus's own, the vocabulary covers every text",
+                                         metavar="NAME|PATH")
+    max_tokens: int = option(10000, "train on at most the first N tokens of the corpus's training split, the "
+                                    "extra text not counted (<= 0: all)")
     val_fraction: float = option(0.1, "last fraction of the encoded corpus held out, never trained on")
     prepared: str | None = option(None, "train on a text prepared by `rnnlab prepare TEXT --out DIR`, read from "
                                         "disk (its preprocess, token and val_fraction apply)", flag="data",
@@ -67,6 +72,9 @@ class ModelConfig:
     embed_size: int = option(0, "0: one-hot input (the book); N: a learned N-dimensional embedding")
     dropout: float = option(0.0, "dropout between layers and before the output layer (not on the "
                                  "recurrent connections) while training")
+    dropout_mode: str = option("step", "step: a new dropout mask at every time step; locked: one mask per "
+                                       "sequence of the minibatch, the same at every time step (variational "
+                                       "dropout, AWD-LSTM's LockedDropout)", choices=("step", "locked"))
     weight_drop: float = option(0.0, "weight drop: DropConnect on the hidden-to-hidden weights W_h* while "
                                      "training, one mask per minibatch (AWD-LSTM)")
     activation: str = option("tanh", "hidden-state nonlinearity of the RNN cell", choices=("tanh", "relu"))
@@ -253,6 +261,9 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
     _non_negative("--patience", train.patience)
     _non_negative("--time-budget", train.time_budget)
     _non_negative("--num-epochs", train.num_epochs)
+    if data.extra_text and (data.prepared or data.preprocess == "legacy"):
+        raise RnnlabError("--extra-text goes with a corpus read as text: not with a prepared text (--data), nor "
+                          "with --preprocess legacy, whose vocabulary is its training text's")
     if not 0.0 <= model.dropout < 1.0:
         raise RnnlabError(f"--dropout must be in [0, 1), got {model.dropout}")
     if not 0.0 <= model.weight_drop < 1.0:

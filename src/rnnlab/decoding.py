@@ -171,16 +171,20 @@ def generate(step, state, prefix_ids, num_preds: int, temperature: float = 0.0,
 # --- text: stop strings and streaming ---------------------------------------------------------------------------
 
 def find_stop(text: str, stops: Sequence[str], new: int = 0) -> int:
-    """Where the earliest stop text in `text` begins, or -1; only those ending after text[:new] are looked
-    for (what came before was searched already)."""
+    """Where the stop text that is complete first in `text` begins (of two complete at the same character,
+    the longer), or -1; only those ending after text[:new] are looked for (what came before was searched
+    already). The first to be complete, not the first to begin: a continuation written a token at a time
+    stops there, so the cut must not depend on how the text arrives (a stop "a" inside a longer stop
+    "baa" ends the text "baa" after "b", in one piece or three)."""
     start = max(0, new - max(map(len, stops), default=0) + 1)
-    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
-    return min(hits, default=-1)
+    hits = [(i + len(s), i) for s in stops if (i := text.find(s, start)) >= 0]       # (end, start)
+    return min(hits, default=(0, -1))[1]
 
 
 class Stopper:
-    """One continuation's text, cut before the first stop text. `feed` returns what is certain: everything
-    but a tail that could still begin a stop text, which is held back until the next piece decides."""
+    """One continuation's text, cut before the first stop text to be complete (`find_stop`). `feed` returns
+    what is certain: everything but a tail that could still begin a stop text, which is held back until the
+    next piece decides."""
 
     def __init__(self, stops: Sequence[str] = ()):
         self.stops, self.longest = tuple(stops), max(map(len, stops), default=0)   # longest: of a stop text

@@ -113,12 +113,16 @@ def _through_time(cell: str, steps: list, d_out: np.ndarray, W_h: np.ndarray, ac
 
 
 def dropout_masks(rng: np.random.Generator, p: float, num_layers: int, B: int, T: int, H: int,
-                  dtype) -> np.ndarray | None:
-    """(L, T, B, H) inverted-dropout masks: 0 with probability p, else 1 / (1 - p). None when p is 0."""
+                  dtype, locked: bool = False) -> np.ndarray | None:
+    """(L, T, B, H) inverted-dropout masks: 0 with probability p, else 1 / (1 - p). None when p is 0.
+
+    `locked` (variational dropout, Gal & Ghahramani 2016; AWD-LSTM's LockedDropout) draws one (B, H) mask per
+    layer and repeats it at every time step: a unit dropped for a sequence stays dropped for all of it, so
+    the noise cannot average out over the steps the way independent per-step masks do."""
     if p <= 0:
         return None
-    keep = rng.random((num_layers, T, B, H)) >= p
-    return (keep / (1.0 - p)).astype(dtype)
+    keep = rng.random((num_layers, 1 if locked else T, B, H)) >= p
+    return np.broadcast_to(keep / (1.0 - p), (num_layers, T, B, H)).astype(dtype)
 
 
 def recurrent_weight_names(arch: cells.Arch) -> list[str]:

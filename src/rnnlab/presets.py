@@ -43,6 +43,12 @@ PRESETS: dict[str, dict[str, dict]] = {
         "train": {**_BOOKS_TRAIN, "batch_size": 16, "num_epochs": 30, "ema": 0.995,
                   "prefixes": ("the time traveller",)},
     },
+    "timemachine-wells": {     # The Time Machine's held-out text, with Wells' other novel as more training text
+        "data": {"corpus": "timemachine", "preprocess": "letters", "max_tokens": 0,
+                 "extra_text": ("war_of_the_worlds",)},
+        "model": _BOOKS_LSTM,
+        "train": {**_BOOKS_TRAIN, "num_epochs": 16, "ema": 0.995, "prefixes": ("the time traveller",)},
+    },
     "waroftheworlds": {     # twice The Time Machine's length: fewer epochs in the same budget
         "data": {"corpus": "war_of_the_worlds", "preprocess": "letters", "max_tokens": 0},
         "model": _BOOKS_LSTM,

@@ -41,15 +41,23 @@ class Dataset:
     sha256: str
     notes: list[str] = field(default_factory=list)      # what the preprocessing report had to say
     tokens_sha256: str | None = None                    # a prepared text's token file, recorded in checkpoints
+    extra_sha256: tuple[str, ...] = ()                  # the --extra-text files, in order, recorded too
+    extra_tokens: int = 0                               # how many of train's first tokens are theirs
+
+    @property
+    def own_train(self) -> np.ndarray:
+        """The corpus's own training split, without the extra text before it."""
+        return self.train[self.extra_tokens:]
 
 
-def encode(cfg: DataConfig, vocab: text.Vocab | None = None,
-           report: bool = False) -> tuple[np.ndarray, text.Vocab, Path, str, list[str]]:
+def encode(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool = False,
+           also: tuple[str, ...] = ()) -> tuple[np.ndarray, text.Vocab, Path, str, list[str]]:
     """(tokens, vocab, file, sha256, notes): the whole corpus read, preprocessed and encoded (with `vocab`, or
-    one built over the whole text as the book does; `legacy` preprocessing builds the early notebook's, over the
-    training text only), with the absolute path of the file it came from, the SHA-256 of its bytes and, with
-    `report`, a note when the preprocessing drops or changes a large share of the text. A prepared text
-    (cfg.prepared) is its token file, read with np.memmap, and the source it was prepared from."""
+    one built over the whole text as the book does, and over the texts in `also`, the --extra-text the run
+    trains on too; `legacy` preprocessing builds the early notebook's, over the training text only), with the
+    absolute path of the file it came from, the SHA-256 of its bytes and, with `report`, a note when the
+    preprocessing drops or changes a large share of the text. A prepared text (cfg.prepared) is its token
+    file, read with np.memmap, and the source it was prepared from."""
     if cfg.prepared:
         data = _prepared(cfg, vocab)
         return np.asarray(data.tokens), data.vocab, data.source, data.meta["source"]["sha256"], []
@@ -59,6 +67,8 @@ def encode(cfg: DataConfig, vocab: text.Vocab | None = None,
         if cfg.preprocess == "legacy" and vocab is None:
             tokens = text.tokenize(text.preprocess(raw, "legacy", cfg.token), cfg.token)
             vocab = text.legacy_vocab(evaluate.split(tokens, cfg.val_fraction, cfg.max_tokens)[0])
+        if vocab is None and also:
+            vocab = text.load_corpus("\n".join((*also, raw)), cfg.preprocess, cfg.token)[1]
         corpus, vocab = text.load_corpus(raw, cfg.preprocess, cfg.token, vocab=vocab)
     except RnnlabError as e:
         raise RnnlabError(f"{path}: {e}") from None
@@ -72,9 +82,41 @@ def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool 
         train, val = evaluate.split(np.asarray(data.tokens), data.meta["val_fraction"], cfg.max_tokens)
         return Dataset(train, val, data.vocab, data.source, data.meta["source"]["sha256"],
                        tokens_sha256=data.meta["tokens_sha256"])
-    corpus, vocab, path, digest, notes = encode(cfg, vocab, report)
+    extras = [corpora.load(name, cfg.data_dir) for name in cfg.extra_text]         # (text, file, sha256)
+    corpus, vocab, path, digest, notes = encode(cfg, vocab, report, also=tuple(raw for raw, _, _ in extras))
     train, val = evaluate.split(corpus, cfg.val_fraction, cfg.max_tokens)
-    return Dataset(train, val, vocab, path, digest, notes)
+    own = len(train)
+    if extras:
+        train = np.concatenate([*(_extra_tokens(cfg, raw, where, sha, digest, vocab, val)
+                                  for raw, where, sha in extras), train])
+    return Dataset(train, val, vocab, path, digest, notes, extra_sha256=tuple(sha for _, _, sha in extras),
+                   extra_tokens=len(train) - own)
+
+
+LEAK_WINDOW = 100        # held-out tokens in a row that an extra text must not contain
+
+
+def _extra_tokens(cfg: DataConfig, raw: str, where: Path, sha: str, corpus_sha: str, vocab: text.Vocab,
+                  val: np.ndarray) -> np.ndarray:
+    """One --extra-text file encoded with the run's vocabulary, refused when it holds the held-out text: when
+    it is the corpus itself, or contains the first, middle or last LEAK_WINDOW held-out tokens in a row."""
+    if sha == corpus_sha:
+        raise RnnlabError(f"--extra-text {where} is the corpus itself: the run would train on its held-out split")
+    try:
+        tokens = text.load_corpus(raw, cfg.preprocess, cfg.token, vocab=vocab)[0]
+    except RnnlabError as e:
+        raise RnnlabError(f"{where}: {e}") from None
+    k = min(LEAK_WINDOW, len(val))
+    haystack = tokens.astype(np.int64).tobytes()
+    for start in dict.fromkeys((0, (len(val) - k) // 2, len(val) - k)):
+        needle = val[start:start + k].astype(np.int64).tobytes()
+        at = haystack.find(needle)
+        while at >= 0 and at % 8:                                  # a match must start on a token
+            at = haystack.find(needle, at + 1)
+        if at >= 0:
+            raise RnnlabError(f"--extra-text {where} contains the corpus's held-out text (its tokens "
+                              f"{start}..{start + k}): the run would train on what it is scored on")
+    return tokens
 
 
 def _prepared(cfg: DataConfig, vocab: text.Vocab | None) -> prepared.Prepared:
@@ -232,7 +274,8 @@ def _optimizer(cfg: TrainConfig) -> optim.Optimizer:
 def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
     """Load the data and initialise the parameters from the seed (the book's scheme by default)."""
     validate_sizes(data_cfg, model_cfg, train_cfg)
-    data_cfg = prepared.resolve(dataclasses.replace(data_cfg, corpus=corpora.canonical(data_cfg.corpus)))
+    data_cfg = prepared.resolve(dataclasses.replace(data_cfg, corpus=corpora.canonical(data_cfg.corpus),
+                                                    extra_text=tuple(map(corpora.canonical, data_cfg.extra_text))))
     dataset = load_dataset(data_cfg, report=True)
     _check_trainable(dataset, train_cfg)
     limits.check_train(len(dataset.vocab), model_cfg, train_cfg)       # before any big allocation
@@ -302,6 +345,9 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
     if ckpt.extra.get("corpus_sha256") not in (None, dataset.sha256):
         raise RnnlabError(f"the corpus file {dataset.path} changed since the checkpoint was written; "
                           "resuming would train on different data")
+    if list(dataset.extra_sha256) != ckpt.extra.get("extra_text_sha256", []):
+        raise RnnlabError(f"an --extra-text file ({', '.join(data_cfg.extra_text)}) changed since the checkpoint "
+                          "was written; resuming would train on different data")
     rng = np.random.default_rng()
     try:
         rng.bit_generator.state = ckpt.rng_state
@@ -373,6 +419,8 @@ def make_checkpoint(run: Run) -> checkpoint.Checkpoint:
              "vocab_token_freqs": [list(tf) for tf in run.dataset.vocab.token_freqs]}
     if run.dataset.tokens_sha256:
         extra["prepared_tokens_sha256"] = run.dataset.tokens_sha256
+    if run.dataset.extra_sha256:
+        extra["extra_text_sha256"] = list(run.dataset.extra_sha256)
     if run.changes:
         extra["changes"] = [dict(c) for c in run.changes]
     if run.init_from is not None:
@@ -472,7 +520,7 @@ def with_prompts(train_cfg: TrainConfig, dataset: Dataset, token: str) -> TrainC
         return train_cfg
     from . import owntext
     joiner = "" if token == "char" else " "
-    training_text = joiner.join(dataset.vocab.to_tokens(dataset.train[:PROMPT_SOURCE_TOKENS]))
+    training_text = joiner.join(dataset.vocab.to_tokens(dataset.own_train[:PROMPT_SOURCE_TOKENS]))
     return dataclasses.replace(train_cfg, prefixes=tuple(owntext.prompts(training_text)))
 
 
@@ -483,8 +531,8 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
                on_unknown: str = "refuse") -> Run:
     """A new run that starts from the weights and vocabulary of the checkpoint in `source` (fine-tuning).
 
-    The model stays the source's (only its dropout and weight drop may change); the data and training
-    settings are the source's, overridden by the ones given: another corpus, any optimizer, learning rate,
+    The model stays the source's (only its dropout, dropout mode and weight drop may change); the data and
+    training settings are the source's, overridden by the ones given: another corpus, any optimizer, learning rate,
     schedule or seed. The optimizer starts afresh at step 0. Tokens of the corpus that the vocabulary lacks
     are refused with their count and examples, or with `on_unknown="unk"` mapped to `<unk>` (a note says
     how many). Without prompts given, a run on another corpus samples from prompts taken from that text.
@@ -495,17 +543,20 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
     ckpt = checkpoint.load(source)
     src_data, src_model, src_train, vocab = checkpoint.read_configs(ckpt, source)
     for name, value in model.items():
-        if name not in ("dropout", "weight_drop") and value != getattr(src_model, name):
+        if name not in ("dropout", "dropout_mode", "weight_drop") and value != getattr(src_model, name):
             raise RnnlabError(f"--{name.replace('_', '-')} differs from the model in {source}: --init-from keeps "
-                              "its architecture (only --dropout and --weight-drop may change)")
+                              "its architecture (only --dropout, --dropout-mode and --weight-drop may change)")
     if data.get("token", src_data.token) != src_data.token:
         raise RnnlabError(f"--token {data['token']} differs from the model in {source}, which reads "
                           f"{src_data.token} tokens")
+    if "corpus" in data or "prepared" in data:     # another text: the source's extra text stays with its own
+        data.setdefault("extra_text", ())
     if "corpus" in data and "prepared" not in data:
         data["corpus"], data["prepared"] = corpora.canonical(data["corpus"]), None
     elif "prepared" not in data:                   # the source's own text, wherever it is now
         data["corpus"] = run_corpus(ckpt, source, data.get("data_dir", src_data.data_dir))
         data["prepared"] = prepared.of_checkpoint(ckpt, source)
+    data["extra_text"] = tuple(map(corpora.canonical, data.get("extra_text", src_data.extra_text)))
     data_cfg = prepared.resolve(dataclasses.replace(src_data, **data))
     model_cfg = dataclasses.replace(src_model, **model)
     train_cfg = dataclasses.replace(src_train, **train)

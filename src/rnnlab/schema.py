@@ -248,6 +248,7 @@ def check_extra(extra: dict, where: str) -> dict:
         "corpus_path": string,
         "corpus_sha256": _sha256_or_null,
         "prepared_tokens_sha256": _sha256_or_null,
+        "extra_text_sha256": _sha256_list,
         "train_tokens": count,
         "val_tokens": count,
         "backend": string,
@@ -302,6 +303,12 @@ def _changes(value, where: str, field: str) -> list:
         string(change.get("setting"), where, f"{field}[{i}].setting")
         for name in ("epoch", "step"):
             count(change.get(name), where, f"{field}[{i}].{name}")
+    return value
+
+
+def _sha256_list(value, where: str, field: str) -> list:
+    if not (isinstance(value, list) and all(isinstance(v, str) and _SHA256.fullmatch(v) for v in value)):
+        raise fail(where, field, "must be a list of SHA-256s in lower-case hex", value)
     return value
 
 

@@ -66,7 +66,7 @@ def batches_per_epoch(num_tokens: int, cfg: TrainConfig) -> int:
 def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
                 optimizer: optim.Optimizer, epoch: int, position: Position, dropout: float = 0.0,
                 weight_drop: float = 0.0, lr_scale: float = 1.0,
-                world: distributed.World = distributed.ALONE) -> Iterator[EpochStats]:
+                world: distributed.World = distributed.ALONE, locked_dropout: bool = False) -> Iterator[EpochStats]:
     """Train the minibatches of one epoch from `position` on (the book's `train_epoch_ch8`), advancing
     `position` and yielding each minibatch's own totals after its update; `epoch` counts the epochs done
     before this one, for the schedule.
@@ -92,8 +92,8 @@ def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
     rows, num_targets = world.rows(cfg.batch_size), cfg.batch_size * cfg.num_steps
     start = time.perf_counter()
     for X, Y in minibatches:
-        masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens,
-                                      dtype) if dropout else None                        # (L, T, B, H)
+        masks = network.dropout_masks(rng, dropout, arch.num_layers, *X.shape, arch.num_hiddens, dtype,
+                                      locked_dropout) if dropout else None               # (L, T, B, H)
         weight_masks = network.weight_drop_masks(rng, weight_drop, arch, dtype) if weight_drop else None
         if world.distributed:                                    # this rank's rows: (B/N, T), (L, T, B/N, H)
             X, Y, masks = X[rows], Y[rows], None if masks is None else masks[:, :, rows]
@@ -117,12 +117,12 @@ def epoch_steps(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Ge
 
 def train_epoch(backend, corpus: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
                 optimizer: optim.Optimizer | None = None, epoch: int = 0, dropout: float = 0.0,
-                weight_drop: float = 0.0, lr_scale: float = 1.0) -> EpochStats:
+                weight_drop: float = 0.0, lr_scale: float = 1.0, locked_dropout: bool = False) -> EpochStats:
     """One whole pass over the training split (the book's `train_epoch_ch8`) from a fresh zero state; without
     an optimizer, the book's SGD. Dropout and weight-drop masks come from `rng`."""
     position = Position(rng.bit_generator.state)
     for _ in epoch_steps(backend, corpus, cfg, rng, optimizer or optim.Optimizer(), epoch, position, dropout,
-                         weight_drop, lr_scale):
+                         weight_drop, lr_scale, locked_dropout=locked_dropout):
         pass
     return position.stats
 
@@ -408,7 +408,7 @@ def _loop(run: Run, writer, log: Callable[[str], None], bar, stop: StopRequest,
                 position = run.position
                 for step in epoch_steps(run.backend, run.dataset.train, cfg, run.rng, run.optimizer, run.epoch,
                                         position, run.model_cfg.dropout, run.model_cfg.weight_drop, run.lr_scale,
-                                        run.world):
+                                        run.world, run.model_cfg.dropout_mode == "locked"):
                     run.step += 1
                     window.add(step)
                     bar.update(1)
