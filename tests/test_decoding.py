@@ -227,8 +227,17 @@ def test_stopper_streams_exactly_the_text_before_the_first_stop(text, cuts, stop
         if stopper.done:
             break
     out += stopper.flush()
-    hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]        # (end, start)
-    assert out == text[:min(hits)[1]] if hits else out == text
+    assert out == first_stop_one_character_at_a_time(text, stops)
+
+
+def first_stop_one_character_at_a_time(text: str, stops) -> str:
+    """The text as a continuation written one character at a time ends: at the first character that
+    completes a stop text, cut before the longest stop text completed there."""
+    for end in range(1, len(text) + 1):
+        done = [len(s) for s in stops if text[:end].endswith(s)]
+        if done:
+            return text[:end - max(done)]
+    return text
 
 
 # --- beam search --------------------------------------------------------------------------------------------

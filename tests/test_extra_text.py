@@ -1,5 +1,4 @@
 """--extra-text: more training text before the corpus's own training split, the held-out split unchanged."""
-import dataclasses
 import json
 
 import pytest
@@ -23,8 +22,8 @@ def texts(tmp_path):
 
 
 def data(corpus, *extra, **changes) -> DataConfig:
-    return DataConfig(corpus=str(corpus), preprocess="letters", max_tokens=0, extra_text=tuple(map(str, extra)),
-                      **changes)
+    return DataConfig(**{"corpus": str(corpus), "preprocess": "letters", "max_tokens": 0,
+                         "extra_text": tuple(map(str, extra)), **changes})
 
 
 def letters(raw: str) -> str:
@@ -47,7 +46,7 @@ def test_extra_text_goes_before_the_training_split_and_leaves_the_held_out_split
     assert "z" in both.vocab.token_to_idx and "z" not in alone.vocab.token_to_idx      # one vocabulary
     assert both.extra_sha256 != () and alone.extra_sha256 == ()
     assert text_of(both, both.own_train) == text_of(alone, alone.train) and alone.extra_tokens == 0
-    cut = load_dataset(dataclasses.replace(data(corpus, extra), max_tokens=50))   # --max-tokens: the corpus only
+    cut = load_dataset(data(corpus, extra, max_tokens=50))            # --max-tokens: the corpus only
     assert text_of(cut, cut.train) == extra_alone + text_of(alone, alone.train[:50])
 
 
@@ -84,7 +83,7 @@ def test_a_run_with_extra_text_records_it_resumes_exactly_and_refuses_a_changed_
     assert weights_files(straight)[-1].read_bytes() == weights_files(split)[-1].read_bytes()
     extra.write_text(EXTRA + "more. ")
     code, _, err = run(capsys, "train", "--out", split, "--resume", "--num-epochs", "3", "--quiet")
-    assert_one_line_error(code, err, "--extra-text", "changed")
+    assert_one_line_error(code, err, "--extra-text", str(extra), "is not the text")
 
 
 def test_baseline_and_mixture_fit_the_ngram_on_everything_the_model_trained_on(capsys, tmp_path, texts):
@@ -136,3 +135,61 @@ def test_extra_text_with_a_prepared_text_is_one_line(capsys, tmp_path, texts):
 def test_the_flag_takes_several_texts():
     ns = cli.build_parser().parse_args(["train", "--extra-text", "a.txt", "b.txt"])
     assert cli.given(ns, DataConfig)["extra_text"] == ("a.txt", "b.txt")
+
+
+def test_a_short_held_out_split_is_compared_by_hash_only(texts):
+    corpus, extra = texts
+    short = load_dataset(data(corpus, extra, val_fraction=0.01))      # fewer held-out tokens than the window
+    assert 2 <= len(short.val) < LEAK_WINDOW
+
+
+def test_the_vocabulary_holds_only_tokens_of_the_texts(tmp_path):
+    (tmp_path / "a.txt").write_text("abab abab")
+    (tmp_path / "b.txt").write_text("cdcd")
+    both = load_dataset(data(tmp_path / "a.txt", tmp_path / "b.txt", preprocess="raw", val_fraction=0.3))
+    assert set(both.vocab.idx_to_token) == {"<unk>", "a", "b", " ", "c", "d"}
+
+
+def test_unknown_tokens_of_an_extra_text_are_named_with_it(capsys, tmp_path, texts):
+    corpus, extra = texts
+    source, odd = tmp_path / "source", tmp_path / "odd.txt"
+    odd.write_text("QQQ XYZ jagged! " * 50)
+    assert run(capsys, "train", *tiny(max_tokens=0), "--corpus", corpus, "--preprocess", "raw",
+               "--out", source)[0] == 0
+    code, _, err = run(capsys, "train", "--init-from", source, "--extra-text", odd, "--quiet",
+                       "--out", tmp_path / "tuned")
+    line = assert_one_line_error(code, err, str(odd), "not in the vocabulary", "'Q' x150")
+    assert str(corpus) not in line
+
+
+def test_a_moved_extra_text_is_given_again_on_resuming_and_the_held_out_split_needs_none(capsys, tmp_path,
+                                                                                        texts):
+    corpus, extra = texts
+    out = tmp_path / "run"
+    argv = [*tiny(num_epochs=1, max_tokens=0), "--corpus", corpus, "--preprocess", "letters",
+            "--extra-text", extra, "--schedule", "constant", "--out", out]
+    assert run(capsys, "train", *argv)[0] == 0
+    moved = tmp_path / "elsewhere.txt"
+    extra.rename(moved)
+    code, text_out, err = run(capsys, "eval", "--checkpoint", out, "--json")      # the held-out split
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--num-epochs", "2", "--quiet")
+    assert_one_line_error(code, err, "--extra-text", str(extra))
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--num-epochs", "2", "--quiet",
+                       "--extra-text", moved)
+    assert code == 0, err
+    (tmp_path / "other.txt").write_text(EXTRA.upper())
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--num-epochs", "3", "--quiet",
+                       "--extra-text", tmp_path / "other.txt")
+    assert_one_line_error(code, err, "other.txt", "is not the text")
+
+
+def test_init_from_on_the_same_corpus_keeps_the_extra_text(capsys, tmp_path, texts):
+    corpus, extra = texts
+    source, tuned = tmp_path / "source", tmp_path / "tuned"
+    assert run(capsys, "train", *tiny(max_tokens=0), "--corpus", corpus, "--preprocess", "letters",
+               "--extra-text", extra, "--out", source)[0] == 0
+    assert run(capsys, "train", "--init-from", source, "--corpus", corpus, "--num-epochs", "1", "--quiet",
+               "--out", tuned)[0] == 0
+    meta = json.loads((tuned / "checkpoint.json").read_text())
+    assert meta["config"]["data"]["extra_text"] == [str(extra)] and len(meta["extra_text_sha256"]) == 1

@@ -225,12 +225,12 @@ class GenerateConfig:
                                   f"--beam {self.num_samples} or more")
 
 
-# Fields that define what a run computes; on --resume they must match the checkpoint. The corpus and the
-# prepared directory are not among them: the same file may be spelled another way or have moved, so its
-# SHA-256 decides instead.
+# Fields that define what a run computes; on --resume they must match the checkpoint. The corpus, the
+# prepared directory and the extra text are not among them: the same file may be spelled another way or
+# have moved, so its SHA-256 decides instead.
 RUN_DEFINING = {
     "data": tuple(f.name for f in dataclasses.fields(DataConfig)
-                  if f.name not in ("data_dir", "corpus", "prepared")),
+                  if f.name not in ("data_dir", "corpus", "prepared", "extra_text")),
     "model": tuple(f.name for f in dataclasses.fields(ModelConfig)),
     "train": ("batch_size", "num_steps", "theta", "clip_mode", "optimizer", "momentum", "weight_decay",
               "ema", "schedule", "warmup_epochs", "lr_step_size", "lr_gamma", "sampling", "state", "seed", "dtype",

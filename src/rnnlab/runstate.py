@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import uuid
@@ -68,11 +69,20 @@ def encode(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool = Fals
             tokens = text.tokenize(text.preprocess(raw, "legacy", cfg.token), cfg.token)
             vocab = text.legacy_vocab(evaluate.split(tokens, cfg.val_fraction, cfg.max_tokens)[0])
         if vocab is None and also:
-            vocab = text.load_corpus("\n".join((*also, raw)), cfg.preprocess, cfg.token)[1]
+            vocab = _joint_vocab((*also, raw), cfg)
         corpus, vocab = text.load_corpus(raw, cfg.preprocess, cfg.token, vocab=vocab)
     except RnnlabError as e:
         raise RnnlabError(f"{path}: {e}") from None
     return corpus, vocab, path.resolve(), digest, notes
+
+
+def _joint_vocab(raws: tuple[str, ...], cfg: DataConfig) -> text.Vocab:
+    """One vocabulary over several texts: each one's token counts, added up in the order of the texts."""
+    counts: dict[str, int] = {}
+    for raw in raws:
+        for token, n in text.load_corpus(raw, cfg.preprocess, cfg.token)[1].token_freqs:
+            counts[token] = counts.get(token, 0) + n
+    return text.Vocab.from_counts(list(counts.items()))
 
 
 def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool = False) -> Dataset:
@@ -82,7 +92,7 @@ def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool 
         train, val = evaluate.split(np.asarray(data.tokens), data.meta["val_fraction"], cfg.max_tokens)
         return Dataset(train, val, data.vocab, data.source, data.meta["source"]["sha256"],
                        tokens_sha256=data.meta["tokens_sha256"])
-    extras = [corpora.load(name, cfg.data_dir) for name in cfg.extra_text]         # (text, file, sha256)
+    extras = [_extra_text(name, cfg) for name in cfg.extra_text]                   # (text, file, sha256)
     corpus, vocab, path, digest, notes = encode(cfg, vocab, report, also=tuple(raw for raw, _, _ in extras))
     train, val = evaluate.split(corpus, cfg.val_fraction, cfg.max_tokens)
     own = len(train)
@@ -93,25 +103,34 @@ def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool 
                    extra_tokens=len(train) - own)
 
 
+def _extra_text(name: str, cfg: DataConfig) -> tuple[str, Path, str]:
+    try:
+        return corpora.load(name, cfg.data_dir)
+    except RnnlabError as e:
+        raise RnnlabError(f"--extra-text: {e}") from None
+
+
 LEAK_WINDOW = 100        # held-out tokens in a row that an extra text must not contain
 
 
 def _extra_tokens(cfg: DataConfig, raw: str, where: Path, sha: str, corpus_sha: str, vocab: text.Vocab,
                   val: np.ndarray) -> np.ndarray:
     """One --extra-text file encoded with the run's vocabulary, refused when it holds the held-out text: when
-    it is the corpus itself, or contains the first, middle or last LEAK_WINDOW held-out tokens in a row."""
+    it is the corpus itself, or contains the first, middle or last LEAK_WINDOW held-out tokens in a row (a
+    held-out split shorter than that is only compared by hash: a few tokens in a row prove nothing)."""
     if sha == corpus_sha:
         raise RnnlabError(f"--extra-text {where} is the corpus itself: the run would train on its held-out split")
     try:
         tokens = text.load_corpus(raw, cfg.preprocess, cfg.token, vocab=vocab)[0]
     except RnnlabError as e:
         raise RnnlabError(f"{where}: {e}") from None
-    k = min(LEAK_WINDOW, len(val))
-    haystack = tokens.astype(np.int64).tobytes()
-    for start in dict.fromkeys((0, (len(val) - k) // 2, len(val) - k)):
-        needle = val[start:start + k].astype(np.int64).tobytes()
+    k = LEAK_WINDOW                  # a held-out split shorter than the window is not searched for
+    dtype = np.result_type(tokens, val)
+    haystack = tokens.astype(dtype, copy=False).tobytes()
+    for start in dict.fromkeys((0, (len(val) - k) // 2, len(val) - k)) if len(val) >= k else ():
+        needle = val[start:start + k].astype(dtype).tobytes()
         at = haystack.find(needle)
-        while at >= 0 and at % 8:                                  # a match must start on a token
+        while at >= 0 and at % dtype.itemsize:                     # a match must start on a token
             at = haystack.find(needle, at + 1)
         if at >= 0:
             raise RnnlabError(f"--extra-text {where} contains the corpus's held-out text (its tokens "
@@ -332,6 +351,7 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
                 raise RnnlabError(f"--{name.replace('_', '-')} differs from the checkpoint in {out}; a "
                                   "resumed run keeps its settings (start a new --out to change them)")
     data_cfg = dataclasses.replace(data_cfg, **changes["data"])
+    data_cfg = dataclasses.replace(data_cfg, extra_text=tuple(map(corpora.canonical, data_cfg.extra_text)))
     data_cfg = dataclasses.replace(data_cfg, corpus=run_corpus(ckpt, out, data_cfg.data_dir,
                                                                changes["data"].get("corpus")),
                                    prepared=prepared.of_checkpoint(ckpt, out, changes["data"].get("prepared")))
@@ -345,9 +365,13 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
     if ckpt.extra.get("corpus_sha256") not in (None, dataset.sha256):
         raise RnnlabError(f"the corpus file {dataset.path} changed since the checkpoint was written; "
                           "resuming would train on different data")
-    if list(dataset.extra_sha256) != ckpt.extra.get("extra_text_sha256", []):
-        raise RnnlabError(f"an --extra-text file ({', '.join(data_cfg.extra_text)}) changed since the checkpoint "
-                          "was written; resuming would train on different data")
+    recorded = ckpt.extra.get("extra_text_sha256", [])
+    if list(dataset.extra_sha256) != recorded:
+        changed = [name for name, sha, was in itertools.zip_longest(data_cfg.extra_text, dataset.extra_sha256,
+                                                                     recorded) if sha != was]
+        raise RnnlabError(f"the --extra-text {', '.join(str(c) for c in changed)} is not the text the run in {out} "
+                          f"trained on ({len(recorded)} extra text(s) recorded, by SHA-256); resuming would train "
+                          "on different data")
     rng = np.random.default_rng()
     try:
         rng.bit_generator.state = ckpt.rng_state
@@ -549,8 +573,8 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
     if data.get("token", src_data.token) != src_data.token:
         raise RnnlabError(f"--token {data['token']} differs from the model in {source}, which reads "
                           f"{src_data.token} tokens")
-    if "corpus" in data or "prepared" in data:     # another text: the source's extra text stays with its own
-        data.setdefault("extra_text", ())
+    if corpora.canonical(data.get("corpus", src_data.corpus)) != src_data.corpus or "prepared" in data:
+        data.setdefault("extra_text", ())          # another text: the source's extra text stays with its own
     if "corpus" in data and "prepared" not in data:
         data["corpus"], data["prepared"] = corpora.canonical(data["corpus"]), None
     elif "prepared" not in data:                   # the source's own text, wherever it is now
@@ -578,20 +602,25 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
 
 
 def _unknown_tokens(dataset: Dataset, data_cfg: DataConfig, source, on_unknown: str) -> list[str]:
-    """Refuse (or note, with on_unknown="unk") the tokens of the corpus the vocabulary lacks, with examples."""
+    """Refuse (or note, with on_unknown="unk") the tokens of the corpus and of each extra text that the
+    vocabulary lacks, with their count and examples, naming the text."""
     if dataset.tokens_sha256:          # a prepared text, whose vocabulary is the model's (checked on loading)
         return []
     unk = dataset.vocab.unk
-    count = int((dataset.train == unk).sum() + (dataset.val == unk).sum())
-    if count == 0:
+    if int((dataset.train == unk).sum() + (dataset.val == unk).sum()) == 0:
         return []
-    raw = corpora.load(data_cfg.corpus, data_cfg.data_dir)[0]
-    tokens = text.tokenize(text.preprocess(raw, data_cfg.preprocess, data_cfg.token), data_cfg.token)
-    lacking = collections.Counter(t for t in tokens if t not in dataset.vocab.token_to_idx)
-    shown = ", ".join(f"{t!r} x{n:,}" for t, n in lacking.most_common(5))
-    more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
-    what = (f"{count:,} of the {len(dataset.train) + len(dataset.val):,} tokens of {dataset.path} "
-            f"({len(lacking)} distinct: {shown}{more}) are not in the vocabulary of {source}")
-    if on_unknown == "refuse":
-        raise RnnlabError(f"{what}; --on-unknown unk maps them to <unk>, or train a new model on this text")
-    return [f"{what}; they are mapped to <unk>"]
+    notes = []
+    for name, where in [(data_cfg.corpus, dataset.path), *((name, name) for name in data_cfg.extra_text)]:
+        raw = corpora.load(name, data_cfg.data_dir)[0]
+        words = text.tokenize(text.preprocess(raw, data_cfg.preprocess, data_cfg.token), data_cfg.token)
+        lacking = collections.Counter(t for t in words if t not in dataset.vocab.token_to_idx)
+        if not lacking:
+            continue
+        shown = ", ".join(f"{t!r} x{n:,}" for t, n in lacking.most_common(5))
+        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        what = (f"{sum(lacking.values()):,} of the {len(words):,} tokens of {where} ({len(lacking)} distinct: "
+                f"{shown}{more}) are not in the vocabulary of {source}")
+        if on_unknown == "refuse":
+            raise RnnlabError(f"{what}; --on-unknown unk maps them to <unk>, or train a new model on this text")
+        notes.append(f"{what}; they are mapped to <unk>")
+    return notes
