@@ -103,6 +103,11 @@ def load_dataset(cfg: DataConfig, vocab: text.Vocab | None = None, report: bool 
                    extra_tokens=len(train) - own)
 
 
+def _canonical(extra_text) -> tuple[str, ...]:
+    """The --extra-text names and files as a run records them (`corpora.canonical`)."""
+    return tuple(map(corpora.canonical, extra_text))
+
+
 def _extra_text(name: str, cfg: DataConfig) -> tuple[str, Path, str]:
     try:
         return corpora.load(name, cfg.data_dir)
@@ -294,7 +299,7 @@ def new_run(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     """Load the data and initialise the parameters from the seed (the book's scheme by default)."""
     validate_sizes(data_cfg, model_cfg, train_cfg)
     data_cfg = prepared.resolve(dataclasses.replace(data_cfg, corpus=corpora.canonical(data_cfg.corpus),
-                                                    extra_text=tuple(map(corpora.canonical, data_cfg.extra_text))))
+                                                    extra_text=_canonical(data_cfg.extra_text)))
     dataset = load_dataset(data_cfg, report=True)
     _check_trainable(dataset, train_cfg)
     limits.check_train(len(dataset.vocab), model_cfg, train_cfg)       # before any big allocation
@@ -351,7 +356,7 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
                 raise RnnlabError(f"--{name.replace('_', '-')} differs from the checkpoint in {out}; a "
                                   "resumed run keeps its settings (start a new --out to change them)")
     data_cfg = dataclasses.replace(data_cfg, **changes["data"])
-    data_cfg = dataclasses.replace(data_cfg, extra_text=tuple(map(corpora.canonical, data_cfg.extra_text)))
+    data_cfg = dataclasses.replace(data_cfg, extra_text=_canonical(data_cfg.extra_text))
     data_cfg = dataclasses.replace(data_cfg, corpus=run_corpus(ckpt, out, data_cfg.data_dir,
                                                                changes["data"].get("corpus")),
                                    prepared=prepared.of_checkpoint(ckpt, out, changes["data"].get("prepared")))
@@ -580,7 +585,7 @@ def start_from(source, data: dict | None = None, model: dict | None = None, trai
     elif "prepared" not in data:                   # the source's own text, wherever it is now
         data["corpus"] = run_corpus(ckpt, source, data.get("data_dir", src_data.data_dir))
         data["prepared"] = prepared.of_checkpoint(ckpt, source)
-    data["extra_text"] = tuple(map(corpora.canonical, data.get("extra_text", src_data.extra_text)))
+    data["extra_text"] = _canonical(data.get("extra_text", src_data.extra_text))
     data_cfg = prepared.resolve(dataclasses.replace(src_data, **data))
     model_cfg = dataclasses.replace(src_model, **model)
     train_cfg = dataclasses.replace(src_train, **train)
