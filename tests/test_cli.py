@@ -798,6 +798,7 @@ def test_time_budget_stops_and_saves(capsys, tmp_path):
 @pytest.mark.parametrize("argv, fragment", [
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--weight-drop", "-0.1"], "--weight-drop must be in [0, 1)"),
+    (["--dropout-mode", "locked"], "give --dropout too"),
     (["--num-layers", "0"], "--num-layers must be positive"),
     (["--embed-size", "-1"], "--embed-size must be"),
     (["--cell", "gru", "--activation", "relu"], "applies to the rnn cell"),

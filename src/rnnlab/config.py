@@ -266,6 +266,8 @@ def validate_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
                           "with --preprocess legacy, whose vocabulary is its training text's")
     if not 0.0 <= model.dropout < 1.0:
         raise RnnlabError(f"--dropout must be in [0, 1), got {model.dropout}")
+    if model.dropout_mode == "locked" and model.dropout == 0:
+        raise RnnlabError("--dropout-mode locked sets how dropout masks are drawn: give --dropout too")
     if not 0.0 <= model.weight_drop < 1.0:
         raise RnnlabError(f"--weight-drop must be in [0, 1), got {model.weight_drop}")
     if not 0.0 <= train.ema < 1.0:
