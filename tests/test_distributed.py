@@ -135,6 +135,8 @@ sys.exit(cli.main(["train", *TINY, "--num-epochs", "1", "--backend", "numpy", "-
 
 @pytest.mark.parametrize("odd, said", [
     (["--lr", "2"], "rnnlab train: error: the ranks' settings differ: rank 1 has another --lr than rank 0"),
+    (["--extra-text", "war_of_the_worlds"],
+     "rnnlab train: error: the ranks' settings differ: rank 1 has another the extra text, "),
     (["--corpus", "no-such-file.txt"], "rnnlab train: error: rank 1: "),
     (["--data", "no-such-dir"], "rnnlab train: error: rank 1: "),     # read while the settings are resolved
 ])

@@ -497,12 +497,14 @@ def _position(ckpt: checkpoint.Checkpoint, backend, world: distributed.World) ->
     return Position(saved["epoch_rng_state"], saved["batch"], state, EpochStats(**saved["stats"]))
 
 
-PER_RANK = {"data": ("corpus", "data_dir", "prepared"), "train": ("device", "threads")}   # may differ by rank
+PER_RANK = {"data": ("corpus", "data_dir", "prepared", "extra_text"),                   # may differ by rank
+            "train": ("device", "threads")}
 
 
 def fingerprint(run: Run) -> dict:
     """What every rank of a run must share (distributed.World.same): its settings (less where each rank finds
-    its text and runs), its text and vocabulary by their hashes, where it stands, and its weights' hash."""
+    its texts and runs), its text, extra text and vocabulary by their hashes, where it stands, and its
+    weights' hash."""
     params = run.backend.numpy_params()
     weights = hashlib.sha256()
     for name in sorted(params):
@@ -511,7 +513,8 @@ def fingerprint(run: Run) -> dict:
     settings = {f"--{name.replace('_', '-')}": value
                 for section, cfg in (("data", run.data_cfg), ("model", run.model_cfg), ("train", run.train_cfg))
                 for name, value in to_dict(cfg).items() if name not in PER_RANK.get(section, ())}
-    return {**settings, "the text": run.dataset.sha256, "the vocabulary": vocab,
+    return {**settings, "the text": run.dataset.sha256, "the extra text": list(run.dataset.extra_sha256),
+            "the vocabulary": vocab,
             "the training tokens": len(run.dataset.train), "the step": run.step, "the weights": weights.hexdigest()}
 
 
