@@ -637,8 +637,8 @@ def _eval_tokens(ns, m, own: DataConfig | None):
     data_cfg = own
     if ns.corpus:
         data_cfg = dataclasses.replace(m.data_cfg, corpus=ns.corpus, data_dir=ns.data_dir or m.data_cfg.data_dir,
-                                       prepared=None, extra_text=())
-    if ns.split != "train":                         # the held-out text alone: the extra text is not read
+                                       prepared=None)
+    if ns.corpus or ns.split != "train":      # another text, or the held-out text alone: no extra text is read
         data_cfg = dataclasses.replace(data_cfg, extra_text=())
     if ns.split == "all":
         tokens, _, path, _, _ = encode(data_cfg, m.vocab)

@@ -356,10 +356,10 @@ def resume_run(out, data: dict | None = None, model: dict | None = None, train: 
                 raise RnnlabError(f"--{name.replace('_', '-')} differs from the checkpoint in {out}; a "
                                   "resumed run keeps its settings (start a new --out to change them)")
     data_cfg = dataclasses.replace(data_cfg, **changes["data"])
-    data_cfg = dataclasses.replace(data_cfg, extra_text=_canonical(data_cfg.extra_text))
     data_cfg = dataclasses.replace(data_cfg, corpus=run_corpus(ckpt, out, data_cfg.data_dir,
                                                                changes["data"].get("corpus")),
-                                   prepared=prepared.of_checkpoint(ckpt, out, changes["data"].get("prepared")))
+                                   prepared=prepared.of_checkpoint(ckpt, out, changes["data"].get("prepared")),
+                                   extra_text=_canonical(data_cfg.extra_text))
     before, train_cfg = train_cfg, dataclasses.replace(train_cfg, **changes["train"])
     if train_cfg.num_epochs == 0:
         raise RnnlabError("--num-epochs 0 (sized to the text) is for a new run; a resumed run needs the epoch "
