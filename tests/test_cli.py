@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rnnlab import cli, presets
+from rnnlab import backends, cli, presets
 from rnnlab.config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, validate_sizes
 
 from conftest import DATA  # noqa: E402  (the corpora folder: $RNNLAB_DATA or ../shared/data)
@@ -710,10 +710,12 @@ def test_bench_quick_reports_every_path_as_json(capsys):
     assert lstm["config"]["cell"] == "lstm" and lstm["config"]["layers"] == 2
     roof = result["roofline"]["lstm"]
     assert roof["tokens_per_s_bound"] > 0 and roof["wide_matmul_gflops"] > 0
+    jax_rows = {"rnnlab greedy, batch 1, jax loop", "lstm greedy, batch 1, jax loop"} if backends.jax_available() \
+        else set()
     assert set(result["generate"]) == {"book predict_ch8 (greedy, batch 1)", "rnnlab greedy, batch 1",
                                        "rnnlab sampled, batch 1", "rnnlab sampled, 64 at once",
                                        "rnnlab top-k 10 top-p .9, 64", "rnnlab beam search, 8 beams",
-                                       "lstm greedy, batch 1", "lstm sampled, 64 at once"}
+                                       "lstm greedy, batch 1", "lstm sampled, 64 at once"} | jax_rows
     assert all(row["chars_per_s"] > 0 for row in result["generate"].values())
     many = result["generate"]["lstm sampled, 64 at once"]
     assert many["rows"] == 64 and many["bound_chars_per_s"] > 0 and many["roofline_fraction"] > 0

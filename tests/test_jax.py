@@ -239,6 +239,77 @@ def test_scoring_decoding_and_dynamic_evaluation_agree(arch):
     assert_dynamic_evaluation_agrees(ref, fast, tokens)
 
 
+# ---- the compiled greedy loop: its step's tokens, logits and state, bit for bit ----
+
+GREEDY_V = 11
+GREEDY = [pytest.param(dict(cell="rnn"), 48, np.float32, id="book-fused"),
+          pytest.param(dict(cell="rnn"), 9, np.float64, id="book-wide-output"),
+          pytest.param("onehot", 48, np.float32, id="book-onehot"),
+          pytest.param("relu", 48, np.float32, id="book-relu")]
+GREEDY += [pytest.param(ARCHS[name], H, dtype, id=f"{name}-H{H}")
+           for name, H, dtype in (("rnn-2layer-embed", 48, np.float32), ("gru-2layer-embed", 48, np.float32),
+                                  ("lstm", 12, np.float32), ("lstm-2layer-embed", 48, np.float64),
+                                  ("lstm-3layer", 9, np.float32), ("rnn-nn", 48, np.float64),
+                                  ("gru-nn", 12, np.float32), ("lstm-nn-2layer", 12, np.float32))]
+
+
+def greedy_backend(arch, H, dtype, seed=0):
+    special = {"onehot": dict(onehot_input=True), "relu": dict(activation="relu")}
+    kwargs = special.get(arch, {}) if isinstance(arch, str) else {}
+    arch = {} if isinstance(arch, str) else arch
+    return JaxBackend(random_params(GREEDY_V, H, dtype, scale=1.0, seed=seed, **arch), **kwargs)
+
+
+@pytest.mark.parametrize("arch, H, dtype", GREEDY)
+def test_the_greedy_loop_is_its_steps_bit_for_bit(arch, H, dtype):
+    """H=48 and H=12 (LSTM) make the output layer narrow enough that the loop multiplies [W_h | W_hq] in one
+    matmul; H=9 keeps them apart; the GRU always computes its own products."""
+    b = greedy_backend(arch, H, dtype)
+    feed, never = np.array([2, 5, 1]), (0, 3)
+    begin = random_state(b.arch.num_state_slices, 1, H, dtype, scale=3)
+    ids, logits, state = b.decoder().greedy(feed, begin, 40, never)
+    ref_ids, ref_logits, ref_state = decoding.greedy_steps(b.step, feed, begin, 40, never)
+    assert ids.dtype == np.int64 and logits.dtype == dtype and state.dtype == dtype
+    assert ids.tolist() == ref_ids.tolist() and not set(ids.tolist()) & set(never)
+    np.testing.assert_array_equal(logits, ref_logits)
+    np.testing.assert_array_equal(np.asarray(state), np.asarray(ref_state))
+
+
+def test_the_greedy_loop_continues_where_it_stopped_and_follows_updates():
+    b = greedy_backend(dict(cell="lstm", num_layers=2), 12, np.float32)
+    step = b.decoder()
+    whole, _, end = step.greedy([1, 2], b.begin_state(1), 30)
+    first, _, state = step.greedy([1, 2], b.begin_state(1), 12)
+    rest, _, state = step.greedy(first[-1:], state, 18)
+    assert np.concatenate([first, rest]).tolist() == whole.tolist()
+    np.testing.assert_array_equal(np.asarray(state), np.asarray(end))
+    none, logits, same = step.greedy([4], state, 0)              # nothing fed, nothing chosen: the same state
+    assert none.shape == (0,) and logits.shape == (0, GREEDY_V)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(state))
+    _, _, fed = step.greedy([4, 7, 1], state, 0)                  # the prompt's steps but the last
+    _, _, ref = decoding.greedy_steps(b.step, [4, 7, 1], state, 0)
+    _, after_two = b.step(np.array([7]), b.step(np.array([4]), state)[1])
+    np.testing.assert_array_equal(np.asarray(fed), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(fed), np.asarray(after_two))
+    b.update(lambda params: {k: v * 1.5 for k, v in params.items()})    # new weights: the loop sees them
+    ids, logits, _ = b.decoder().greedy([1, 2], b.begin_state(1), 30)
+    ref_ids, ref_logits, _ = decoding.greedy_steps(b.step, [1, 2], b.begin_state(1), 30)
+    assert ids.tolist() == ref_ids.tolist()
+    np.testing.assert_array_equal(logits, ref_logits)
+
+
+def test_generate_with_the_loop_writes_the_text_of_the_generic_loop():
+    """`LM.generate`'s greedy text on the jax backend (the compiled loop, in chunks where stop texts are
+    looked for) is the text `decoding.stream` makes over the plain step, with and without stop texts."""
+    b = greedy_backend(dict(cell="rnn"), 48, np.float32, seed=4)
+    text = [chr(97 + i) for i in range(GREEDY_V)]
+    plain = lambda X, s: b.step(X, s)                            # noqa: E731 - a step without a loop
+    for stop in ((), ("ab",), ("k", "ca")):
+        made = decoding.continuations(b.decoder(), b.begin_state(1), [1, 2], text, 300, stop=stop, never=(0,))
+        ref = decoding.joined(decoding.stream(plain, b.begin_state(1), [1, 2], text, 300, stop=stop, never=(0,)), 1)
+        assert made == ref, stop
+
+
 # ---- the training API and the command line: The Time Machine, 400 training tokens, H=8 ----
 
 DATA_CFG = DataConfig(max_tokens=400)

@@ -265,8 +265,9 @@ def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None, peak_sec
     """chars/s (all rows counted) of decoding as `rnnlab generate` runs it, through `LM` and the numpy
     backend: the book config (one RNN layer, H=512) greedy and sampled, one continuation or 64 at once, and
     beam search, then the bench's lstm config (2 layers, H=384, E=64); ratios to the book's `predict_ch8`.
-    Every rnnlab row has its roofline (`generation_roofline`, at its number of rows) and the rate as a
-    fraction of it."""
+    With JAX installed, each greedy row has a twin on the jax backend, whose greedy loop is compiled whole
+    (its first call compiles, in the untimed warm-up). Every rnnlab row has its roofline
+    (`generation_roofline`, at its number of rows) and the rate as a fraction of it."""
     _, vocab = _corpus("char", data_dir)
     V = len(vocab)
     book_params = cells.init_params(V, 512, np.random.default_rng(0))
@@ -279,23 +280,31 @@ def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None, peak_sec
         rows["book predict_ch8 (greedy, batch 1)"] = {"chars_per_s": num_chars / seconds}
     except ImportError:
         pass
+    from .backends import jax_available
     from .backends.numpy_backend import NumpyBackend
     lstm = CONFIGS["lstm"]
     lstm_params = cells.init_params(V, lstm.num_hiddens, np.random.default_rng(0), np.float32, "lstm",
                                     lstm.num_layers, lstm.embed_size, init="uniform")
+    lstm_cfg = ModelConfig(cell="lstm", num_hiddens=lstm.num_hiddens, num_layers=lstm.num_layers,
+                           embed_size=lstm.embed_size)
     models = {"book": LM(NumpyBackend(book_params), vocab, DataConfig(), ModelConfig()),
-              "lstm": LM(NumpyBackend(lstm_params), vocab, DataConfig(),
-                         ModelConfig(cell="lstm", num_hiddens=lstm.num_hiddens, num_layers=lstm.num_layers,
-                                     embed_size=lstm.embed_size))}
+              "lstm": LM(NumpyBackend(lstm_params), vocab, DataConfig(), lstm_cfg)}
+    greedy = {"temperature": 0.0}
     sampled, many = {"temperature": 1.0}, {"temperature": 1.0, "num_samples": 64}
     # (label, model, continuations decoded at once, chars counted per step, decoding options)
-    cases = (("rnnlab greedy, batch 1", "book", 1, 1, {"temperature": 0.0}),
+    cases = [("rnnlab greedy, batch 1", "book", 1, 1, greedy),
              ("rnnlab sampled, batch 1", "book", 1, 1, sampled),
              ("rnnlab sampled, 64 at once", "book", 64, 64, many),
              ("rnnlab top-k 10 top-p .9, 64", "book", 64, 64, {**many, "top_k": 10, "top_p": 0.9}),
              ("rnnlab beam search, 8 beams", "book", 8, 1, {"beam": 8}),
-             ("lstm greedy, batch 1", "lstm", 1, 1, {"temperature": 0.0}),
-             ("lstm sampled, 64 at once", "lstm", 64, 64, many))
+             ("lstm greedy, batch 1", "lstm", 1, 1, greedy),
+             ("lstm sampled, 64 at once", "lstm", 64, 64, many)]
+    if jax_available():                                 # the jax backend's compiled greedy loop
+        from .backends.jax_backend import JaxBackend
+        models["book jax"] = LM(JaxBackend(book_params), vocab, DataConfig(), ModelConfig())
+        models["lstm jax"] = LM(JaxBackend(lstm_params), vocab, DataConfig(), lstm_cfg)
+        cases[1:1] = [("rnnlab greedy, batch 1, jax loop", "book jax", 1, 1, greedy)]
+        cases.append(("lstm greedy, batch 1, jax loop", "lstm jax", 1, 1, greedy))
     for label, name, batch, counted, options in cases:
         def run(lm=models[name], options=options):
             lm.generate("time traveller", num_preds=num_chars, **options)
@@ -303,7 +312,7 @@ def bench_generation(num_chars=200, warmup=1, repeats=3, data_dir=None, peak_sec
                        "model": name}
     rates: dict = {}                                    # the peaks, measured once the decoding is timed
     for label, name, batch, counted, _ in cases:
-        roof = generation_roofline(GENERATION_MODELS[name], V, batch, peak_seconds, rates)
+        roof = generation_roofline(GENERATION_MODELS[name.split()[0]], V, batch, peak_seconds, rates)
         bound = roof.pop("steps_per_s") * counted                  # the chars counted at each step
         rows[label].update(bound_chars_per_s=bound, roofline_fraction=rows[label]["chars_per_s"] / bound, **roof)
     base = next((r["chars_per_s"] for k, r in rows.items() if k.startswith("book")), None)
@@ -419,8 +428,9 @@ def format_report(r: dict) -> str:
                          f"{wide}, {roof['flops_per_token'] / 1e6:.2f} MFLOP per token: "
                          f"{roof['tokens_per_s_bound']:,.0f} tokens/s")
     if "generate" in r:
-        lines += ["", "generation, numpy: book config (V=28, H=512) and lstm (2 layers, H=384, E=64), chars/s over "
-                      "all rows;", "  roofline: the step's float32 matmuls at the peak measured at their shapes"]
+        lines += ["", "generation, numpy (and jax's compiled greedy loop): book config (V=28, H=512) and lstm "
+                      "(2 layers, H=384, E=64),", "  chars/s over all rows; roofline: the step's float32 matmuls at "
+                      "the peak measured at their shapes"]
         lines.append(f"  {'path':<36} {'chars/s':>12} {'vs book':>8} {'roofline':>12} {'of it':>6}")
         peaks = {}
         for path, row in r["generate"].items():

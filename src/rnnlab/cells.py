@@ -230,11 +230,15 @@ def output_layer(Hs, W_hq, b_q):
 
 # ---- one step of each cell, forward; shared by numpy and torch ----
 
-def step(cell: str, XW_t, state: tuple, W_h, ops, phi, b_rec=None):
+def step(cell: str, XW_t, state: tuple, W_h, ops, phi, b_rec=None, rec=None):
     """One time step. XW_t (B, G*H) is the input projection with its biases, `state` is (H,) or (H, C) for
-    the LSTM, b_rec (G*H,) the nn variant's recurrent-side bias (None: the book's cells). Returns (new state
-    tuple, cache): the cache holds what the numpy backward step needs."""
+    the LSTM, b_rec (G*H,) the nn variant's recurrent-side bias (None: the book's cells). `rec`, for the RNN
+    and the LSTM only, is H @ W_h when the caller has computed it already (a decoding loop that multiplies
+    H by W_h and the next weights in one matmul). Returns (new state tuple, cache): the cache holds what the
+    numpy backward step needs."""
     H = state[0]
+    if rec is not None and cell == "gru":
+        raise ValueError("the GRU computes its recurrent products itself")
     Hn = H.shape[-1]
     if cell == "gru" and b_rec is not None:          # nn.GRU: reset gate after the recurrent matmul
         HW = H @ W_h + b_rec                                             # (B, 3H)
@@ -246,8 +250,10 @@ def step(cell: str, XW_t, state: tuple, W_h, ops, phi, b_rec=None):
         return (H_new,), (H, Z, R, HW_h, H_tilde)
     if b_rec is not None:                            # the RNN and the LSTM: a second bias, nothing else
         XW_t = XW_t + b_rec
+    if rec is None and cell != "gru":
+        rec = H @ W_h
     if cell == "rnn":
-        H_new = phi(XW_t + H @ W_h)
+        H_new = phi(XW_t + rec)
         return (H_new,), (H, H_new)
     if cell == "gru":
         ZR = ops.sigmoid(XW_t[:, :2 * Hn] + H @ W_h[:, :2 * Hn])
@@ -257,7 +263,7 @@ def step(cell: str, XW_t, state: tuple, W_h, ops, phi, b_rec=None):
         H_new = Z * H + (1 - Z) * H_tilde
         return (H_new,), (H, Z, R, RH, H_tilde)
     C = state[1]
-    A = XW_t + H @ W_h
+    A = XW_t + rec
     IFO = ops.sigmoid(A[:, :3 * Hn])
     I, F, O = IFO[:, :Hn], IFO[:, Hn:2 * Hn], IFO[:, 2 * Hn:]
     C_tilde = ops.tanh(A[:, 3 * Hn:])

@@ -14,7 +14,9 @@ What is jitted, and why:
     and network; dropout and weight-drop masks are arguments, so a new mask costs no compile (None, no
     masks, is a separate trace). Weight drop multiplies the weights by their masks inside the traced loss,
     so the gradient w.r.t. each weight carries its mask by the chain rule;
-  * the forward pass without gradients (`_logits`), for scoring and decoding.
+  * the forward pass without gradients (`_logits`), for scoring and decoding;
+  * one greedy continuation, the prompt's steps and every token's, as one `lax.fori_loop` (`_greedy`), so
+    that decoding greedily runs no Python per token.
 The network, activation and input kind are static arguments of module-level functions, so every backend
 of the same network shares the compiled programs. Clipping and the optimizers are the shared `optim` code,
 run eagerly on the jax arrays the gradients come in (a few dozen small elementwise calls per step); the
@@ -91,12 +93,8 @@ def forward(params: dict, X, state, arch: cells.Arch, activation: str, onehot_in
         W_x, W_h, b, b_rec = cells.layer_weights(params, arch, layer, JaxOps)
         if layer > 0:
             XW = inputs @ W_x + b                              # (T, B, H) @ (H, G*H)
-        elif arch.embed_size:
-            XW = params["W_emb"][X.T] @ W_x + b                # (T, B, E) @ (E, G*H)
-        elif onehot_input:                                     # the book's literal one-hot matmul
-            XW = JaxOps.one_hot(X.T, W_x.shape[0], W_x) @ W_x + b
         else:
-            XW = W_x[X.T] + b                                  # (T, B, G*H): gathered rows
+            XW = _first_projection(params, X.T, W_x, b, arch, onehot_input)
 
         def step(layer_state, XW_t, W_h=W_h, b_rec=b_rec):    # XW_t (B, G*H); this layer's W_h, b_rec
             layer_state, _ = cells.step(arch.cell, XW_t, layer_state, W_h, JaxOps, phi, b_rec)
@@ -107,6 +105,15 @@ def forward(params: dict, X, state, arch: cells.Arch, activation: str, onehot_in
         inputs = Hs * masks[layer] if masks is not None else Hs
     logits = cells.output_layer(inputs, params["W_hq"], params["b_q"])
     return logits, network.join_state(finals, JaxOps)
+
+
+def _first_projection(params: dict, X, W_x, b, arch: cells.Arch, onehot_input: bool):
+    """The first layer's input projection with its bias: X (...) token ids -> (..., G*H)."""
+    if arch.embed_size:
+        return params["W_emb"][X] @ W_x + b                    # (..., E) @ (E, G*H)
+    if onehot_input:                                           # the book's literal one-hot matmul
+        return JaxOps.one_hot(X, W_x.shape[0], W_x) @ W_x + b
+    return W_x[X] + b                                          # gathered rows
 
 
 def _mean_loss(params, X, y, state, masks, weight_masks, arch, activation, onehot_input):
@@ -133,6 +140,111 @@ def _token_nll(logits, y):
     return -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
 
 
+# ---- one greedy continuation, in one compiled loop ----
+
+def _decoding_weights(params, arch) -> dict:
+    """What the decoding loop multiplies by, made once per parameters: each layer's gates concatenated
+    (`cells.layer_weights`), and per layer [W_h | W_next] where the layer's next weights (the next layer's
+    W_x, or W_hq on top) are narrow, as the numpy decoder measures it (a quarter of W_h's width at most: the
+    output layer of a character model), else None; never for the GRU, which computes its recurrent
+    products itself."""
+    layers = tuple(cells.layer_weights(params, arch, layer, JaxOps) for layer in range(arch.num_layers))
+    nexts = [W_x for W_x, _, _, _ in layers[1:]] + [params["W_hq"]]
+    fused = tuple(jnp.concatenate([W_h, W_next], 1) if arch.cell != "gru" and 4 * W_next.shape[1] <= W_h.shape[1]
+                  else None for (_, W_h, _, _), W_next in zip(layers, nexts))
+    return {"layers": layers, "nexts": tuple(nexts), "fused": fused, "W_emb": params.get("W_emb"),
+            "b_q": params["b_q"]}
+
+
+_decoding_weights_jit = jax.jit(_decoding_weights, static_argnames=("arch",))
+
+
+def _greedy(weights, feed, feed_len, state, num_preds, never, arch, activation, onehot_input, out_len):
+    """`Decoder.greedy` traced: `feed_len` steps on feed[:feed_len] (a prompt, or the token chosen last), the
+    outputs of the first feed_len - 1 discarded, then `num_preds` steps, each on the argmax of the last
+    logits with the `never` tokens (V,) bool left out. Returns ids (out_len,), logits (out_len, V) (the
+    first num_preds rows are the continuation's) and the state (S, 1, H).
+
+    Each step is `forward`'s for one token: `_first_projection`, `cells.step` and the output layer, in the
+    same order of operations, on `weights` (`_decoding_weights`). Where a layer has [W_h | W_next], its new
+    H is multiplied by both in one matmul, as the numpy decoder does: the first columns are the next step's
+    recurrent product, passed to `cells.step` as `rec`, the others what the layer feeds."""
+    phi, L = _PHI[activation], arch.num_layers
+    fused, nexts = weights["fused"], weights["nexts"]
+    layers = tuple(network.split_state(state, arch, layer) for layer in range(L))
+    recs = tuple(None if f is None else layers[k][0] @ weights["layers"][k][1] for k, f in enumerate(fused))
+
+    def advance(tok, layers, recs):
+        """One step on token `tok`: the logits (V,) and the new layers' states and recurrent products."""
+        y, new_layers, new_recs = None, [], []
+        for layer, (W_x, W_h, b, b_rec) in enumerate(weights["layers"]):
+            XW = _first_projection(weights, tok[None], W_x, b, arch, onehot_input) if layer == 0 else y + b
+            new, _ = cells.step(arch.cell, XW, layers[layer], W_h, JaxOps, phi, b_rec, recs[layer])
+            if fused[layer] is None:
+                rec, y = None, new[0] @ nexts[layer]
+            else:                                                  # (1, G*H + next width)
+                both = new[0] @ fused[layer]
+                rec, y = both[:, :W_h.shape[1]], both[:, W_h.shape[1]:]
+            new_layers.append(new)
+            new_recs.append(rec)
+        return (y + weights["b_q"])[0], tuple(new_layers), tuple(new_recs)
+
+    def warm_up(i, carry):                                         # the feed's tokens but the last
+        return advance(feed[i], *carry)[1:]
+
+    def choose(i, carry):
+        tok, layers, recs, ids, logits = carry
+        z, layers, recs = advance(tok, layers, recs)
+        tok = jnp.argmax(jnp.where(never, -jnp.inf, z)).astype(jnp.int32)
+        return tok, layers, recs, ids.at[i].set(tok), logits.at[i].set(z)
+
+    layers, recs = jax.lax.fori_loop(0, feed_len - 1, warm_up, (layers, recs))
+    start = (feed[feed_len - 1], layers, recs, jnp.zeros(out_len, jnp.int32),
+             jnp.zeros((out_len, weights["b_q"].shape[0]), weights["b_q"].dtype))
+    _, layers, _, ids, logits = jax.lax.fori_loop(0, num_preds, choose, start)
+    return ids, logits, network.join_state(list(layers), JaxOps)
+
+
+_greedy_jit = jax.jit(_greedy, static_argnames=_STATIC + ("out_len",))
+
+
+def _bucket(n: int, least: int) -> int:
+    """The buffer length for n items: a power of two, at least `least`, so that few lengths compile."""
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+class Decoder:
+    """The jax backend's decoding step, `step(token_ids (B,), state) -> (logits (B, V), state)`, with
+    `greedy`: one continuation decoded in one compiled loop (`_greedy`), with no Python per token. On the
+    CPU it gives its step's tokens, logits and state bit for bit (tested); its buffers are sized in powers
+    of two, so that a handful of compiled programs (a fraction of a second each) serve every length."""
+
+    def __init__(self, backend: "JaxBackend"):
+        self._backend = backend
+
+    def __call__(self, token_ids, state):
+        return self._backend.step(token_ids, state)
+
+    def greedy(self, feed, state, num_preds: int, never=()):
+        """Feed the tokens `feed`, then choose `num_preds` tokens, each the argmax of its logits with the
+        `never` tokens left out, each fed back but the last. Returns the tokens (n,) int64, their logits
+        (n, V) and the state, as `decoding.greedy_steps` does over this decoder's steps."""
+        b = self._backend
+        feed = np.asarray(feed, dtype=np.int64).reshape(-1)
+        padded = np.zeros(_bucket(len(feed), 16), np.int32)
+        padded[:len(feed)] = feed
+        mask = np.zeros(b.params["W_hq"].shape[1], bool)
+        mask[list(never)] = True
+        if not isinstance(state, jax.Array):
+            state = b._float(state)
+        # numpy arguments go to the device of the weights, committed there, with the call
+        with jax.default_matmul_precision("highest"):
+            ids, logits, state = _greedy_jit(b.decoding_weights(), padded, np.int32(len(feed)), state,
+                                             np.int32(num_preds), mask, out_len=_bucket(num_preds, 32), **b._static)
+        ids, logits = jax.device_get((ids, logits))
+        return ids[:num_preds].astype(np.int64), logits[:num_preds], state
+
+
 class JaxBackend:
     name = "jax"
 
@@ -146,6 +258,8 @@ class JaxBackend:
         self.activation = activation
         self.onehot_input = onehot_input
         self._static = {"arch": self.arch, "activation": activation, "onehot_input": onehot_input}
+        self._decoding = None                          # (params, `_decoding_weights(params)`), made on demand
+        self._zeros: dict = {}                                 # (batch size, dtype) -> begin_state's zeros
 
     @property
     def dtype(self):
@@ -167,8 +281,12 @@ class JaxBackend:
         return None if x is None else self._put(x, self.dtype)
 
     def begin_state(self, batch_size: int):
-        """Zeros, (S, B, H)."""
-        return self._put(np.zeros((self.arch.num_state_slices, batch_size, self.arch.num_hiddens), self.dtype))
+        """Zeros, (S, B, H): one array per batch size, made once (jax arrays cannot be changed)."""
+        key = (batch_size, self.dtype)
+        if key not in self._zeros:
+            self._zeros[key] = self._put(np.zeros((self.arch.num_state_slices, batch_size, self.arch.num_hiddens),
+                                                  self.dtype))
+        return self._zeros[key]
 
     def loss_and_grads(self, X, Y, state, masks=None, weight_masks=None):
         """Mean loss, gradients (jax arrays, keyed like the parameters) and the final state."""
@@ -195,8 +313,15 @@ class JaxBackend:
         return np.array(logits), new_state
 
     def decoder(self):
-        """A `generate` step callback (the same interface as the numpy backend's)."""
-        return self.step
+        """A `generate` step callback (the same interface as the numpy backend's), with a compiled greedy
+        loop (`Decoder`)."""
+        return Decoder(self)
+
+    def decoding_weights(self) -> dict:
+        """The greedy loop's weights (`_decoding_weights`) for the current parameters, made once."""
+        if self._decoding is None or self._decoding[0] is not self.params:
+            self._decoding = (self.params, _decoding_weights_jit(self.params, arch=self.arch))
+        return self._decoding[1]
 
     def update(self, fn) -> None:
         """Apply an update: the parameters become fn(parameters), arrays on this backend's device."""
