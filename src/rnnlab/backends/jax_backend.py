@@ -196,7 +196,8 @@ def _greedy(weights, feed, feed_len, state, num_preds, never, arch, activation, 
         tok, layers, recs, ids, logits = carry
         z, layers, recs = advance(tok, layers, recs)
         tok = jnp.argmax(jnp.where(never, -jnp.inf, z)).astype(jnp.int32)
-        return tok, layers, recs, ids.at[i].set(tok), logits.at[i].set(z)
+        return (tok, layers, recs, jax.lax.dynamic_update_index_in_dim(ids, tok, i, 0),
+                jax.lax.dynamic_update_index_in_dim(logits, z, i, 0))
 
     layers, recs = jax.lax.fori_loop(0, feed_len - 1, warm_up, (layers, recs))
     start = (feed[feed_len - 1], layers, recs, jnp.zeros(out_len, jnp.int32),
