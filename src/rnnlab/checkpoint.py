@@ -218,6 +218,10 @@ def _parse(meta_path: Path, raw: bytes) -> Checkpoint:
     optimizer = schema.check_optimizer_meta(meta.get("optimizer", {"name": "sgd", "t": 0}), train_cfg.optimizer,
                                             train_cfg.ema, where)
     extra = schema.check_extra({k: v for k, v in meta.items() if k not in _KNOWN}, where)
+    hashes = extra.get("extra_text_sha256", [])
+    if len(hashes) != len(data_cfg.extra_text):
+        raise schema.fail(where, "extra_text_sha256", f"must hold one SHA-256 per extra text of the config "
+                          f"({len(data_cfg.extra_text)}), not {len(hashes)}")
     state_shape = _state_shape(extra, model_cfg, train_cfg)
     params, optimizer_arrays, state = _read_weights(meta_path, meta, len(vocab), model_cfg, train_cfg.dtype,
                                                     optimizer, state_shape)
