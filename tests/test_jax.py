@@ -261,9 +261,10 @@ def greedy_backend(arch, H, dtype, seed=0):
 
 
 @pytest.mark.parametrize("arch, H, dtype", GREEDY)
-def test_the_greedy_loop_is_its_steps_bit_for_bit(arch, H, dtype):
+def test_the_greedy_loop_decodes_as_its_steps(arch, H, dtype):
     """H=48 and H=12 (LSTM) make the output layer narrow enough that the loop multiplies [W_h | W_hq] in one
-    matmul; H=9 keeps them apart; the GRU always computes its own products."""
+    matmul; H=9 keeps them apart; the GRU always computes its own products. XLA picks its kernels by shape,
+    so the logits are the steps' to rounding; here the tokens are the steps' too."""
     b = greedy_backend(arch, H, dtype)
     feed, never = np.array([2, 5, 1]), (0, 3)
     begin = random_state(b.arch.num_state_slices, 1, H, dtype, scale=3)
@@ -271,8 +272,22 @@ def test_the_greedy_loop_is_its_steps_bit_for_bit(arch, H, dtype):
     ref_ids, ref_logits, ref_state = decoding.greedy_steps(b.step, feed, begin, 40, never)
     assert ids.dtype == np.int64 and logits.dtype == dtype and state.dtype == dtype
     assert ids.tolist() == ref_ids.tolist() and not set(ids.tolist()) & set(never)
-    np.testing.assert_array_equal(logits, ref_logits)
-    np.testing.assert_array_equal(np.asarray(state), np.asarray(ref_state))
+    assert rel_err(logits, ref_logits) < TOL[dtype] and rel_err(np.asarray(state), np.asarray(ref_state)) < TOL[dtype]
+
+
+def test_the_greedy_loop_gives_the_same_text_however_it_is_cut():
+    """An RNN with H=513 over V=28: on the development machine XLA rounds the loop's fused product
+    H @ [W_h | W_hq] differently from the step's H @ W_h, and the loop's text leaves the steps' within a few
+    hundred characters. The loop carries its recurrent products from call to call, so its text is the
+    same in one call, in chunks (looking for stop texts that never come) and streamed."""
+    V = 28
+    b = JaxBackend(random_params(V, 513, np.float32, scale=1.5 / np.sqrt(513), seed=0))
+    text = [chr(65 + i) for i in range(V)]
+    args = (b.begin_state(1), [1, 2, 3], text, 600)
+    whole = decoding.continuations(b.decoder(), *args)[0]
+    chunked = decoding.continuations(b.decoder(), *args, stop=("never written",))[0]
+    streamed = decoding.joined(decoding.stream(b.decoder(), *args), 1)[0]
+    assert len(whole) == 600 and whole == chunked == streamed
 
 
 def test_the_greedy_loop_continues_where_it_stopped_and_follows_updates():
@@ -291,6 +306,13 @@ def test_the_greedy_loop_continues_where_it_stopped_and_follows_updates():
     _, after_two = b.step(np.array([7]), b.step(np.array([4]), state)[1])
     np.testing.assert_array_equal(np.asarray(fed), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(fed), np.asarray(after_two))
+    wider = jax.numpy.asarray(np.asarray(state), dtype=np.float64)     # a state the step would promote
+    ids, logits, _ = step.greedy([4], wider, 5)
+    ref_ids, ref_logits, _ = decoding.greedy_steps(b.step, [4], wider, 5)
+    assert ids.tolist() == ref_ids.tolist() and logits.dtype == np.float64
+    np.testing.assert_array_equal(logits, ref_logits)
+    with pytest.raises(ValueError, match="at least one token"):
+        step.greedy([], state, 3)
     b.update(lambda params: {k: v * 1.5 for k, v in params.items()})    # new weights: the loop sees them
     ids, logits, _ = b.decoder().greedy([1, 2], b.begin_state(1), 30)
     ref_ids, ref_logits, _ = decoding.greedy_steps(b.step, [1, 2], b.begin_state(1), 30)

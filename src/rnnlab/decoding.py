@@ -20,9 +20,11 @@ it is certain. Scores are float64 and shifted by their maximum, so any T > 0 is 
 being finite is an error, not a text.
 
 `continuations` makes the same texts whole, for callers that want them at the end (`LM.generate`): without
-stop texts the tokens of every step go into one array, and one greedy continuation goes through `greedy`,
-which lets a step callback with a `greedy(feed, state, n, never) -> (tokens, logits or None, state)` method
-(the numpy backend's decoder) choose a chunk of tokens in its own loop, with the same result.
+stop texts the tokens of every step go into one array. One greedy continuation, streamed or whole, goes
+through `greedy_pieces`, which lets a step callback with a `greedy(feed, state, n, never) -> (tokens,
+logits or None, state)` method (the numpy and jax backends' decoders) choose a chunk of tokens at a time in
+its own loop: the numpy decoder's gives its steps' tokens bit for bit, the jax decoder's is one compiled
+program, and either gives the same tokens however the text is cut into chunks.
 """
 from __future__ import annotations
 
@@ -276,8 +278,15 @@ def stream(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, t
 
     `state` is a batch-1 initial state; the prompt is read once and its state copied to every row.
     `token_text[i]` is the text of token i as it continues a text (a character, or " word"). A continuation
-    ends after `num_preds` tokens or before the first stop text; finished rows leave the batch.
+    ends after `num_preds` tokens or before the first stop text; finished rows leave the batch. One greedy
+    continuation goes through the step's own `greedy` loop where it has one, in chunks of FIRST_CHUNK tokens
+    doubling up to LAST_CHUNK (`greedy_pieces`).
     """
+    if temperature == 0 and num_samples == 1 and getattr(step, "greedy", None):     # the step's own loop
+        for text in greedy_pieces(step, state, prompt_ids, token_text, num_preds, stop, never, FIRST_CHUNK):
+            if text:
+                yield Piece(0, text)
+        return
     stoppers = [Stopper(stop) for _ in range(num_samples)]
     going = (lambda rows, _: np.array([not stoppers[r].done for r in rows])) if stop else None
     for rows, last in _choices(step, state, prompt_ids, num_preds, temperature, top_k, top_p, num_samples, seed,
@@ -356,20 +365,30 @@ def _check_rows(logits, never, first: bool) -> None:
 def greedy(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, stop: Sequence[str] = (),
            never=()) -> str:
     """The text `stream` makes at temperature 0 for one continuation, made in chunks of tokens by the step's
-    own `greedy` loop where it has one (`greedy_steps` otherwise). A stop text is looked for in each chunk,
-    token by token where one ends in it, and the logits are checked as `choose` checks them, up to the token
-    that completes the stop text."""
+    own `greedy` loop where it has one (`greedy_steps` otherwise)."""
+    return "".join(greedy_pieces(step, state, prompt_ids, token_text, num_preds, stop, never))
+
+
+def greedy_pieces(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, stop: Sequence[str] = (),
+                  never=(), first_chunk: int = 0) -> Iterator[str]:
+    """One greedy continuation's text, a piece per chunk of tokens chosen by the step's own `greedy` loop
+    where it has one (`greedy_steps` otherwise): chunks of `first_chunk` tokens (default: FIRST_CHUNK with
+    stop texts, else LAST_CHUNK) doubling up to LAST_CHUNK. A stop text is looked for in each chunk, token
+    by token where one ends in it, and the logits are checked as `choose` checks them, up to the token that
+    completes the stop text. A step's loop gives the same tokens however the continuation is cut into
+    chunks, so the text does not depend on them."""
     _check(prompt_ids, 0.0)
     run = getattr(step, "greedy", None) or (lambda *args: greedy_steps(step, *args))
-    stopper, pieces = Stopper(stop), []
-    feed, done, chunk = np.asarray(prompt_ids), 0, FIRST_CHUNK if stop else LAST_CHUNK
+    stopper = Stopper(stop)
+    feed, done = np.asarray(prompt_ids), 0
+    chunk = first_chunk or (FIRST_CHUNK if stop else LAST_CHUNK)
     while done < num_preds:
         n = min(chunk, num_preds - done)
         ids, logits, state = run(feed, state, n, never)
         texts = [token_text[t] for t in ids.tolist()]
-        used = n
+        used, pieces = n, []
         if not stop:
-            pieces += texts
+            pieces.append("".join(texts))
         elif find_stop(stopper.text + "".join(texts), stop, len(stopper.text)) < 0:
             pieces.append(stopper.feed("".join(texts)))
         else:                                          # a stop text ends in this chunk: where exactly
@@ -379,10 +398,11 @@ def greedy(step, state, prompt_ids, token_text: Sequence[str], num_preds: int, s
                     break
         if logits is not None:                         # None: the decoder has proved them finite
             _check_rows(logits[:used], never, first=done == 0)
+        yield "".join(pieces)
         if stopper.done:
-            break
+            return
         done, feed, chunk = done + n, ids[-1:], min(2 * chunk, LAST_CHUNK)
-    return "".join(pieces) + stopper.flush()
+    yield stopper.flush()
 
 
 # --- beam search ------------------------------------------------------------------------------------------------

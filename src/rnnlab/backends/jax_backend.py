@@ -159,20 +159,31 @@ def _decoding_weights(params, arch) -> dict:
 _decoding_weights_jit = jax.jit(_decoding_weights, static_argnames=("arch",))
 
 
-def _greedy(weights, feed, feed_len, state, num_preds, never, arch, activation, onehot_input, out_len):
+def _recurrent(weights, state, arch):
+    """The recurrent products H @ W_h (1, G*H) of the layers `_greedy` multiplies fused (None for the
+    others), for a state the loop did not make."""
+    return tuple(None if f is None else network.split_state(state, arch, k)[0] @ weights["layers"][k][1]
+                 for k, f in enumerate(weights["fused"]))
+
+
+_recurrent_jit = jax.jit(_recurrent, static_argnames=("arch",))
+
+
+def _greedy(weights, feed, feed_len, state, recs, num_preds, never, arch, activation, onehot_input, out_len):
     """`Decoder.greedy` traced: `feed_len` steps on feed[:feed_len] (a prompt, or the token chosen last), the
     outputs of the first feed_len - 1 discarded, then `num_preds` steps, each on the argmax of the last
     logits with the `never` tokens (V,) bool left out. Returns ids (out_len,), logits (out_len, V) (the
-    first num_preds rows are the continuation's) and the state (S, 1, H).
+    first num_preds rows are the continuation's), the state (S, 1, H) and its recurrent products `recs`.
 
-    Each step is `forward`'s for one token: `_first_projection`, `cells.step` and the output layer, in the
-    same order of operations, on `weights` (`_decoding_weights`). Where a layer has [W_h | W_next], its new
-    H is multiplied by both in one matmul, as the numpy decoder does: the first columns are the next step's
-    recurrent product, passed to `cells.step` as `rec`, the others what the layer feeds."""
+    Each step is `forward`'s for one token: `_first_projection`, `cells.step` and the output layer, on
+    `weights` (`_decoding_weights`). Where a layer has [W_h | W_next], its new H is multiplied by both in
+    one matmul, as the numpy decoder does: the first columns are the next step's recurrent product, passed
+    to `cells.step` as `rec` and carried from one call to the next (`recs`: `_recurrent` for a state the
+    loop did not make), the others what the layer feeds. XLA may round that product differently from the
+    step's own H @ W_h (it picks its kernels by shape), so the loop's logits are the step's to rounding."""
     phi, L = _PHI[activation], arch.num_layers
     fused, nexts = weights["fused"], weights["nexts"]
     layers = tuple(network.split_state(state, arch, layer) for layer in range(L))
-    recs = tuple(None if f is None else layers[k][0] @ weights["layers"][k][1] for k, f in enumerate(fused))
 
     def advance(tok, layers, recs):
         """One step on token `tok`: the logits (V,) and the new layers' states and recurrent products."""
@@ -202,8 +213,8 @@ def _greedy(weights, feed, feed_len, state, num_preds, never, arch, activation, 
     layers, recs = jax.lax.fori_loop(0, feed_len - 1, warm_up, (layers, recs))
     start = (feed[feed_len - 1], layers, recs, jnp.zeros(out_len, jnp.int32),
              jnp.zeros((out_len, weights["b_q"].shape[0]), weights["b_q"].dtype))
-    _, layers, _, ids, logits = jax.lax.fori_loop(0, num_preds, choose, start)
-    return ids, logits, network.join_state(list(layers), JaxOps)
+    _, layers, recs, ids, logits = jax.lax.fori_loop(0, num_preds, choose, start)
+    return ids, logits, network.join_state(list(layers), JaxOps), recs
 
 
 _greedy_jit = jax.jit(_greedy, static_argnames=_STATIC + ("out_len",))
@@ -215,16 +226,21 @@ def _bucket(n: int, least: int) -> int:
 
 
 class Decoder:
-    """The jax backend's decoding step, `step(token_ids (B,), state) -> (logits (B, V), state)`, with
-    `greedy`: one continuation decoded in one compiled loop (`_greedy`), with no Python per token. On the
-    CPU it gives its step's tokens, logits and state bit for bit (tested); its buffers are sized in powers
-    of two, so that a handful of compiled programs (a fraction of a second each) serve every length."""
+    """The jax backend's decoding step for the parameters it was made with, `step(token_ids (B,), state) ->
+    (logits (B, V), state)`, with `greedy`: one continuation decoded in one compiled loop (`_greedy`), with
+    no Python per token. The loop carries each layer's recurrent product from one call to the next for the
+    state it returned last, so a continuation gets the same tokens however it is cut into calls. Its logits
+    are its step's to float rounding (XLA picks its kernels by shape); on the tested shapes its tokens are
+    the step's. Buffers are sized in powers of two, so that a few compiled programs (a fraction of a second
+    each) serve every length."""
 
     def __init__(self, backend: "JaxBackend"):
-        self._backend = backend
+        self._backend, self._params = backend, backend.params
+        self._weights, self._begin = backend.decoding_weights()    # begin: (begin_state(1), its products)
+        self._last = None              # (the state `greedy` returned last, its recurrent products)
 
     def __call__(self, token_ids, state):
-        return self._backend.step(token_ids, state)
+        return self._backend.step(token_ids, state, self._params)
 
     def greedy(self, feed, state, num_preds: int, never=()):
         """Feed the tokens `feed`, then choose `num_preds` tokens, each the argmax of its logits with the
@@ -232,16 +248,29 @@ class Decoder:
         (n, V) and the state, as `decoding.greedy_steps` does over this decoder's steps."""
         b = self._backend
         feed = np.asarray(feed, dtype=np.int64).reshape(-1)
+        if not len(feed):
+            raise ValueError("greedy decoding feeds at least one token")
+        if isinstance(state, jax.Array) and state.dtype != b.dtype:    # as the step computes it: promoted
+            from ..decoding import greedy_steps
+            return greedy_steps(self, feed, state, num_preds, never)
         padded = np.zeros(_bucket(len(feed), 16), np.int32)
         padded[:len(feed)] = feed
-        mask = np.zeros(b.params["W_hq"].shape[1], bool)
+        mask = np.zeros(self._weights["b_q"].shape[0], bool)
         mask[list(never)] = True
         if not isinstance(state, jax.Array):
             state = b._float(state)
-        # numpy arguments go to the device of the weights, committed there, with the call
         with jax.default_matmul_precision("highest"):
-            ids, logits, state = _greedy_jit(b.decoding_weights(), padded, np.int32(len(feed)), state,
-                                             np.int32(num_preds), mask, out_len=_bucket(num_preds, 32), **b._static)
+            if self._last is not None and state is self._last[0]:
+                recs = self._last[1]
+            elif state is self._begin[0]:
+                recs = self._begin[1]
+            else:
+                recs = _recurrent_jit(self._weights, state, arch=b.arch)
+            # numpy arguments go to the device of the weights, committed there, with the call
+            ids, logits, state, recs = _greedy_jit(self._weights, padded, np.int32(len(feed)), state, recs,
+                                                   np.int32(num_preds), mask, out_len=_bucket(num_preds, 32),
+                                                   **b._static)
+        self._last = (state, recs)
         ids, logits = jax.device_get((ids, logits))
         return ids[:num_preds].astype(np.int64), logits[:num_preds], state
 
@@ -259,7 +288,7 @@ class JaxBackend:
         self.activation = activation
         self.onehot_input = onehot_input
         self._static = {"arch": self.arch, "activation": activation, "onehot_input": onehot_input}
-        self._decoding = None                          # (params, `_decoding_weights(params)`), made on demand
+        self._decoding = None                  # (params, decoding weights, begin state and products): on demand
         self._zeros: dict = {}                                 # (batch size, dtype) -> begin_state's zeros
 
     @property
@@ -298,9 +327,10 @@ class JaxBackend:
                                                        self._float(masks), weight_masks, **self._static)
         return float(loss), grads, new_state
 
-    def _forward(self, X, state):
+    def _forward(self, X, state, params=None):
         with jax.default_matmul_precision("highest"):
-            return _logits(self.params, self._ids(X), self._float(state), **self._static)
+            return _logits(self.params if params is None else params, self._ids(X), self._float(state),
+                           **self._static)
 
     def token_nll(self, X, Y, state):
         """Per-prediction NLL (T*B,) as float64 numpy, time-major, and the final state; no gradients."""
@@ -308,25 +338,32 @@ class JaxBackend:
         nll = _token_nll(logits, self._ids(np.asarray(Y).T.reshape(-1)))
         return np.array(nll), new_state
 
-    def step(self, token_ids, state):
-        """One decoding step: token_ids (B,) -> logits (B, V) as numpy, new state."""
-        logits, new_state = self._forward(np.asarray(token_ids).reshape(-1, 1), state)
+    def step(self, token_ids, state, params=None):
+        """One decoding step: token_ids (B,) -> logits (B, V) as numpy, new state; with the backend's
+        parameters, or `params`."""
+        logits, new_state = self._forward(np.asarray(token_ids).reshape(-1, 1), state, params)
         return np.array(logits), new_state
 
     def decoder(self):
-        """A `generate` step callback (the same interface as the numpy backend's), with a compiled greedy
-        loop (`Decoder`)."""
+        """A `generate` step callback for the current parameters (the same interface as the numpy backend's),
+        with a compiled greedy loop (`Decoder`)."""
         return Decoder(self)
 
-    def decoding_weights(self) -> dict:
-        """The greedy loop's weights (`_decoding_weights`) for the current parameters, made once."""
+    def decoding_weights(self) -> tuple[dict, tuple]:
+        """The greedy loop's weights (`_decoding_weights`) for the current parameters, and (begin_state(1),
+        its recurrent products `_recurrent`), made once."""
         if self._decoding is None or self._decoding[0] is not self.params:
-            self._decoding = (self.params, _decoding_weights_jit(self.params, arch=self.arch))
-        return self._decoding[1]
+            with jax.default_matmul_precision("highest"):
+                weights = _decoding_weights_jit(self.params, arch=self.arch)
+                begin = self.begin_state(1)
+                self._decoding = (self.params, weights, (begin, _recurrent_jit(weights, begin, arch=self.arch)))
+        return self._decoding[1:]
 
     def update(self, fn) -> None:
-        """Apply an update: the parameters become fn(parameters), arrays on this backend's device."""
+        """Apply an update: the parameters become fn(parameters), arrays on this backend's device. The
+        decoding weights made for the old ones are dropped, so they keep no copy alive."""
         self.params = {k: self._put(v) for k, v in fn(self.params).items()}
+        self._decoding = None
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in self.params.items()}
