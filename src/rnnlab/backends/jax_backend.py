@@ -245,7 +245,9 @@ class Decoder:
     def greedy(self, feed, state, num_preds: int, never=()):
         """Feed the tokens `feed`, then choose `num_preds` tokens, each the argmax of its logits with the
         `never` tokens left out, each fed back but the last. Returns the tokens (n,) int64, their logits
-        (n, V) and the state, as `decoding.greedy_steps` does over this decoder's steps."""
+        (n, V) and the state, as `decoding.greedy_steps` does over this decoder's steps (the logits to
+        rounding). A jax state of another dtype than the weights goes through `greedy_steps` itself, which
+        promotes as the step does."""
         b = self._backend
         feed = np.asarray(feed, dtype=np.int64).reshape(-1)
         if not len(feed):
