@@ -48,7 +48,8 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4}      # G: matrices of H columns per weig
 def machine() -> dict:
     """What the numbers were measured on."""
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__}
+            "python": platform.python_version(), "numpy": np.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}    # torch's CPU threads: spin or sleep
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -421,7 +422,8 @@ def format_report(r: dict) -> str:
     """The result as readable tables."""
     m = r["machine"]
     lines = [f"machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')} "
-             f"({m.get('torch_threads')} threads, {m.get('cpu_capability')}), GPU: {m.get('gpu')}"]
+             f"({m.get('torch_threads')} threads, {m.get('cpu_capability')}, OMP_WAIT_POLICY "
+             f"{m.get('omp_wait_policy') or 'unset'}), GPU: {m.get('gpu')}"]
     for name, t in r["train"].items():
         c = t["config"]
         model = "" if c.get("cell", "rnn") == "rnn" else f" {c['cell']} x{c['layers']} E={c['E']}"
