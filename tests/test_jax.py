@@ -239,7 +239,7 @@ def test_scoring_decoding_and_dynamic_evaluation_agree(arch):
     assert_dynamic_evaluation_agrees(ref, fast, tokens)
 
 
-# ---- the compiled greedy loop: its step's tokens, logits and state, bit for bit ----
+# ---- the compiled greedy loop: its steps' tokens, and their logits and state to rounding ----
 
 GREEDY_V = 11
 GREEDY = [pytest.param(dict(cell="rnn"), 48, np.float32, id="book-fused"),
@@ -276,10 +276,10 @@ def test_the_greedy_loop_decodes_as_its_steps(arch, H, dtype):
 
 
 def test_the_greedy_loop_gives_the_same_text_however_it_is_cut():
-    """An RNN with H=513 over V=28: on the development machine XLA rounds the loop's fused product
-    H @ [W_h | W_hq] differently from the step's H @ W_h, and the loop's text leaves the steps' within a few
-    hundred characters. The loop carries its recurrent products from call to call, so its text is the
-    same in one call, in chunks (looking for stop texts that never come) and streamed."""
+    """An RNN with H=513 over V=28: on the development machine the loop's logits differ from the steps'
+    in their last bits (XLA picks its kernels by shape), and its text leaves the steps' after 137
+    characters. The loop carries its recurrent products from call to call, so its text is the same in one
+    call, in chunks (looking for stop texts that never come) and streamed."""
     V = 28
     b = JaxBackend(random_params(V, 513, np.float32, scale=1.5 / np.sqrt(513), seed=0))
     text = [chr(65 + i) for i in range(V)]
@@ -304,8 +304,8 @@ def test_the_greedy_loop_continues_where_it_stopped_and_follows_updates():
     _, _, fed = step.greedy([4, 7, 1], state, 0)                  # the prompt's steps but the last
     _, _, ref = decoding.greedy_steps(b.step, [4, 7, 1], state, 0)
     _, after_two = b.step(np.array([7]), b.step(np.array([4]), state)[1])
-    np.testing.assert_array_equal(np.asarray(fed), np.asarray(ref))
-    np.testing.assert_array_equal(np.asarray(fed), np.asarray(after_two))
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(after_two))
+    assert rel_err(np.asarray(fed), np.asarray(ref)) < TOL[np.float32]
     wider = jax.numpy.asarray(np.asarray(state), dtype=np.float64)     # a state the step would promote
     ids, logits, _ = step.greedy([4], wider, 5)
     ref_ids, ref_logits, _ = decoding.greedy_steps(b.step, [4], wider, 5)
@@ -316,13 +316,13 @@ def test_the_greedy_loop_continues_where_it_stopped_and_follows_updates():
     b.update(lambda params: {k: v * 1.5 for k, v in params.items()})    # new weights: the loop sees them
     ids, logits, _ = b.decoder().greedy([1, 2], b.begin_state(1), 30)
     ref_ids, ref_logits, _ = decoding.greedy_steps(b.step, [1, 2], b.begin_state(1), 30)
-    assert ids.tolist() == ref_ids.tolist()
-    np.testing.assert_array_equal(logits, ref_logits)
+    assert ids.tolist() == ref_ids.tolist() and rel_err(logits, ref_logits) < TOL[np.float32]
 
 
 def test_generate_with_the_loop_writes_the_text_of_the_generic_loop():
-    """`LM.generate`'s greedy text on the jax backend (the compiled loop, in chunks where stop texts are
-    looked for) is the text `decoding.stream` makes over the plain step, with and without stop texts."""
+    """On this shape, `LM.generate`'s greedy text on the jax backend (the compiled loop, in chunks where
+    stop texts are looked for) is the text `decoding.stream` makes over the plain step, with and without
+    stop texts."""
     b = greedy_backend(dict(cell="rnn"), 48, np.float32, seed=4)
     text = [chr(97 + i) for i in range(GREEDY_V)]
     plain = lambda X, s: b.step(X, s)                            # noqa: E731 - a step without a loop
