@@ -152,7 +152,7 @@ def _decoding_weights(params, arch) -> dict:
     nexts = [W_x for W_x, _, _, _ in layers[1:]] + [params["W_hq"]]
     fused = tuple(jnp.concatenate([W_h, W_next], 1) if arch.cell != "gru" and 4 * W_next.shape[1] <= W_h.shape[1]
                   else None for (_, W_h, _, _), W_next in zip(layers, nexts))
-    return {"layers": layers, "nexts": tuple(nexts), "fused": fused, "W_emb": params.get("W_emb"),
+    return {"layers": layers, "fused": fused, "W_emb": params.get("W_emb"), "W_hq": params["W_hq"],
             "b_q": params["b_q"]}
 
 
@@ -182,7 +182,8 @@ def _greedy(weights, feed, feed_len, state, recs, num_preds, never, arch, activa
     loop did not make), the others what the layer feeds. XLA may round that product differently from the
     step's own H @ W_h (it picks its kernels by shape), so the loop's logits are the step's to rounding."""
     phi, L = _PHI[activation], arch.num_layers
-    fused, nexts = weights["fused"], weights["nexts"]
+    fused = weights["fused"]
+    nexts = [W_x for W_x, _, _, _ in weights["layers"][1:]] + [weights["W_hq"]]     # what each layer feeds
     layers = tuple(network.split_state(state, arch, layer) for layer in range(L))
 
     def advance(tok, layers, recs):
@@ -236,7 +237,6 @@ class Decoder:
 
     def __init__(self, backend: "JaxBackend"):
         self._backend, self._params = backend, backend.params
-        self._weights, self._begin = backend.decoding_weights()    # begin: (begin_state(1), its products)
         self._last = None              # (the state `greedy` returned last, its recurrent products)
 
     def __call__(self, token_ids, state):
@@ -257,19 +257,20 @@ class Decoder:
             return greedy_steps(self, feed, state, num_preds, never)
         padded = np.zeros(_bucket(len(feed), 16), np.int32)
         padded[:len(feed)] = feed
-        mask = np.zeros(self._weights["b_q"].shape[0], bool)
+        weights, begin = b.decoding_weights(self._params)       # made on the first greedy call of the params
+        mask = np.zeros(weights["b_q"].shape[0], bool)
         mask[list(never)] = True
         if not isinstance(state, jax.Array):
             state = b._float(state)
         with jax.default_matmul_precision("highest"):
             if self._last is not None and state is self._last[0]:
                 recs = self._last[1]
-            elif state is self._begin[0]:
-                recs = self._begin[1]
+            elif state is begin[0]:
+                recs = begin[1]
             else:
-                recs = _recurrent_jit(self._weights, state, arch=b.arch)
+                recs = _recurrent_jit(weights, state, arch=b.arch)
             # numpy arguments go to the device of the weights, committed there, with the call
-            ids, logits, state, recs = _greedy_jit(self._weights, padded, np.int32(len(feed)), state, recs,
+            ids, logits, state, recs = _greedy_jit(weights, padded, np.int32(len(feed)), state, recs,
                                                    np.int32(num_preds), mask, out_len=_bucket(num_preds, 32),
                                                    **b._static)
         self._last = (state, recs)
@@ -351,14 +352,14 @@ class JaxBackend:
         with a compiled greedy loop (`Decoder`)."""
         return Decoder(self)
 
-    def decoding_weights(self) -> tuple[dict, tuple]:
-        """The greedy loop's weights (`_decoding_weights`) for the current parameters, and (begin_state(1),
-        its recurrent products `_recurrent`), made once."""
-        if self._decoding is None or self._decoding[0] is not self.params:
+    def decoding_weights(self, params: dict) -> tuple[dict, tuple]:
+        """The greedy loop's weights (`_decoding_weights`) for `params` (this backend's, now or before an
+        update), and (begin_state(1), its recurrent products `_recurrent`), made once per parameters."""
+        if self._decoding is None or self._decoding[0] is not params:
             with jax.default_matmul_precision("highest"):
-                weights = _decoding_weights_jit(self.params, arch=self.arch)
+                weights = _decoding_weights_jit(params, arch=self.arch)
                 begin = self.begin_state(1)
-                self._decoding = (self.params, weights, (begin, _recurrent_jit(weights, begin, arch=self.arch)))
+                self._decoding = (params, weights, (begin, _recurrent_jit(weights, begin, arch=self.arch)))
         return self._decoding[1:]
 
     def update(self, fn) -> None:
